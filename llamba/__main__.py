@@ -1,0 +1,3 @@
+from llamba.cli import main
+
+main(prog_name="llamba")

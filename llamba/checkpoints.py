@@ -1,0 +1,168 @@
+"""Checkpoint I/O: our Hugging Face layout, cartesia-ai's released Llamba layout, atomic saves, Auto classes.
+
+Both layouts share the weight names (`backbone.layers.{i}.mixer.in_proj.weight`, ...); they differ in
+config.json (flat LlambaConfig fields vs cartesia's nested `mlp_cfg` / `ssm_cfg`) and file format
+(`model.safetensors`, sharded safetensors, or `pytorch_model.bin`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llamba.config import ConfigError, LlambaConfig
+from llamba.model import LlambaForCausalLM
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the field."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in DTYPES.values():
+            raise CheckpointError(f"unsupported dtype {dtype}; use one of fp32, bf16, fp16")
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def register_auto_classes() -> None:
+    """After `import llamba`, AutoConfig / AutoModelForCausalLM.from_pretrained(dir) resolve model_type 'llamba'."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("llamba", LlambaConfig)
+        AutoModelForCausalLM.register(LlambaConfig, LlambaForCausalLM)
+    except ValueError:  # already registered (re-import)
+        pass
+
+
+def read_config(path: str | Path) -> tuple[LlambaConfig, str]:
+    """config.json of either layout -> (LlambaConfig, 'llamba' | 'cartesia')."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json; point --model at a Llamba checkpoint directory")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        if "ssm_cfg" in raw:
+            return LlambaConfig.from_cartesia_dict(raw), "cartesia"
+        if raw.get("model_type") != "llamba":
+            raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, not 'llamba'; "
+                                  "distill a Llama teacher first (llamba distill) or pass a Llamba checkpoint")
+        required = ("vocab_size", "d_model", "n_layer", "intermediate_size")
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise CheckpointError(f"{file} is missing required field {missing[0]!r}")
+        cfg = LlambaConfig.from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    unknown = sorted(set(raw) - cfg.known_keys() - set(LlambaConfig().to_dict()))
+    if unknown:
+        log.warning("%s: ignoring unknown config keys %s", file, unknown)
+    return cfg, "llamba"
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (safetensors, sharded safetensors, or pytorch_model.bin)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files and (path / "pytorch_model.bin").is_file():
+        files = [path / "pytorch_model.bin"]
+    if not files:
+        raise CheckpointError(f"{path} holds no weights (model.safetensors or pytorch_model.bin)")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt file: name it, no traceback
+            raise CheckpointError(f"{f} is corrupt or truncated ({type(e).__name__}); re-save or re-download it") from None
+        weights.update(part)
+    return weights
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               kernels: str = "auto") -> LlambaForCausalLM:
+    """Load a Llamba checkpoint of either layout. Shape or key mismatches raise CheckpointError."""
+    config, layout = read_config(path)
+    weights = read_weights(path)
+    weights = {k.removeprefix("model."): v for k, v in weights.items()} if layout == "cartesia" else weights
+    with torch.device("meta"):
+        model = LlambaForCausalLM(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    for name, tensor in weights.items():
+        if name not in expected:
+            raise CheckpointError(f"{path}: unexpected weight {name!r} for this config (is config.json the one "
+                                  "saved with these weights?)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{path}: weight {name!r} has shape {tuple(tensor.shape)} but config.json implies "
+                                  f"{tuple(expected[name].shape)}")
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise CheckpointError(f"{path}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
+    model.load_state_dict(weights, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    torch_dtype = parse_dtype(dtype) or next(iter(weights.values())).dtype
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    model.set_kernels(kernels)
+    return model
+
+
+def atomic_save(model: LlambaForCausalLM, out_dir: str | Path, tokenizer=None, extra_files: dict | None = None) -> Path:
+    """save_pretrained into a temporary sibling, then rename: a crash never leaves a half-written checkpoint.
+    extra_files: {name: JSON-serializable} written beside the weights."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def save_cartesia(model: LlambaForCausalLM, out_dir: str | Path) -> Path:
+    """Write cartesia's layout (nested config.json + model.safetensors); used to test their loader path."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config.to_cartesia_dict(), indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, out / "model.safetensors")
+    return out

@@ -1,0 +1,181 @@
+"""LlambaConfig: the one description of a Llamba model (Llama skeleton, discrete Mamba-2 mixers).
+
+Dimension letters (shared by every package): b batch, l sequence length, d model width (d_model),
+h value heads (n_v_heads), g B/C head groups (n_qk_heads), p head dim (headdim), n state size (d_state),
+c chunks, k conv width (d_conv), v vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import PreTrainedConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a Llamba model; the message names the field and the fix."""
+
+
+class LlambaConfig(PreTrainedConfig):
+    model_type = "llamba"
+
+    # Llama skeleton (copied from the teacher)
+    vocab_size: int = 49152
+    d_model: int = 576
+    n_layer: int = 30
+    intermediate_size: int = 1536  # SwiGLU MLP width
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    # Discrete Mamba-2 mixer (reference §1.1)
+    d_state: int = 64  # N
+    n_v_heads: int = 9  # h: value heads
+    n_qk_heads: int = 9  # g: B/C heads; h % g == 0 (g < h shares B, C like GQA shares K, V)
+    expand: int = 1  # d_inner = expand * d_model
+    d_conv: int = 4  # k: depthwise causal conv width over x, B, C
+    chunk_size: int = 128  # chunk length of the SSD scan
+    activation: str = "identity"  # after the conv: "identity" (Llamba) or "silu"
+    bias: bool = False  # in_proj / out_proj bias (when False, a separate z_bias feeds the gate)
+    conv_bias: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        self.tie_word_embeddings = self.tie_embeddings
+        super().__post_init__(**kwargs)
+        self.check()
+
+    # Derived sizes -------------------------------------------------------------------------------
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def headdim(self) -> int:  # p
+        return self.d_inner // self.n_v_heads
+
+    @property
+    def conv_dim(self) -> int:  # channels of the conv: x, B, C
+        return self.d_inner + 2 * self.n_qk_heads * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:  # rows of in_proj: x | B | C | z | A_log
+        return 2 * self.d_inner + 2 * self.n_qk_heads * self.d_state + self.n_v_heads
+
+    @property
+    def num_hidden_layers(self) -> int:  # the name transformers' utilities look for
+        return self.n_layer
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+        for name in ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads",
+                     "n_qk_heads", "expand", "d_conv", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config field `{name}` must be a positive integer, got {value!r}")
+        if self.d_inner % self.n_v_heads:
+            raise ConfigError(f"d_inner = expand*d_model = {self.d_inner} is not divisible by n_v_heads = "
+                              f"{self.n_v_heads}; pick n_v_heads dividing it")
+        if self.n_v_heads % self.n_qk_heads:
+            raise ConfigError(f"n_v_heads = {self.n_v_heads} is not a multiple of n_qk_heads = {self.n_qk_heads}")
+        if self.activation not in ("identity", "silu"):
+            raise ConfigError(f"config field `activation` must be 'identity' or 'silu', got {self.activation!r}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config field `hidden_act` must be 'silu' (SwiGLU MLP), got {self.hidden_act!r}")
+
+    # Conversions ---------------------------------------------------------------------------------
+    @classmethod
+    def from_llama_config(cls, llama, **overrides) -> LlambaConfig:
+        """A student config for any Hugging Face LlamaConfig (GQA included).
+
+        Defaults follow the Llamba recipe: one mixer head per teacher query head (n_qk = n_v = heads),
+        d_state = the teacher's head_dim, expand 1, conv width 4, chunk 128.
+        """
+        model_type = getattr(llama, "model_type", None)
+        if model_type != "llama":
+            raise ConfigError(f"teacher architecture is {model_type!r}, not 'llama'; "
+                              "Llamba distills LlamaForCausalLM teachers only")
+        heads = llama.num_attention_heads
+        head_dim = getattr(llama, "head_dim", None) or llama.hidden_size // heads
+        eos = llama.eos_token_id
+        fields = dict(
+            vocab_size=llama.vocab_size,
+            d_model=llama.hidden_size,
+            n_layer=llama.num_hidden_layers,
+            intermediate_size=llama.intermediate_size,
+            norm_eps=llama.rms_norm_eps,
+            tie_embeddings=bool(llama.tie_word_embeddings),
+            mlp_bias=bool(getattr(llama, "mlp_bias", False)),
+            hidden_act=llama.hidden_act,
+            d_state=head_dim,
+            n_v_heads=heads,
+            n_qk_heads=heads,
+            pad_token_id=llama.pad_token_id,
+            bos_token_id=llama.bos_token_id,
+            eos_token_id=eos,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_cartesia_dict(self) -> dict:
+        """The config.json layout of cartesia-ai's released Llamba checkpoints (reference §2.3)."""
+        return {
+            "model_type": "llamba",
+            "vocab_size": self.vocab_size,
+            "tie_embeddings": self.tie_embeddings,
+            "pad_vocab_size_multiple": 1,
+            "lm_head_bias": False,
+            "d_model": self.d_model,
+            "n_layer": self.n_layer,
+            "resid_dropout": 0.0,
+            "norm_epsilon": self.norm_eps,
+            "mlp_cfg": {"intermediate_size": self.intermediate_size, "bias": self.mlp_bias, "act_fn": self.hidden_act},
+            "ssm_cfg": {
+                "d_state": self.d_state,
+                "n_v_heads": self.n_v_heads,
+                "n_qk_heads": self.n_qk_heads,
+                "expand": self.expand,
+                "chunk_size": self.chunk_size,
+                "activation": self.activation,
+                "bias": self.bias,
+            },
+        }
+
+    @classmethod
+    def from_cartesia_dict(cls, raw: dict) -> LlambaConfig:
+        """Read cartesia's nested config (`mlp_cfg`, `ssm_cfg`); missing required keys are ConfigErrors."""
+        try:
+            mlp, ssm = raw["mlp_cfg"], raw["ssm_cfg"]
+            vocab = raw["vocab_size"]
+            multiple = raw.get("pad_vocab_size_multiple", 1) or 1
+            vocab = ((vocab + multiple - 1) // multiple) * multiple  # cartesia pads the embedding table
+            fields = dict(
+                vocab_size=vocab,
+                d_model=raw["d_model"],
+                n_layer=raw["n_layer"],
+                intermediate_size=mlp["intermediate_size"],
+                mlp_bias=mlp.get("bias", False),
+                hidden_act=mlp.get("act_fn", "silu"),
+                norm_eps=raw.get("norm_epsilon", 1e-5),
+                tie_embeddings=raw.get("tie_embeddings", True),
+                d_state=ssm["d_state"],
+                n_v_heads=ssm["n_v_heads"],
+                n_qk_heads=ssm.get("n_qk_heads", ssm["n_v_heads"]),
+                expand=ssm.get("expand", 1),
+                chunk_size=ssm.get("chunk_size", 128),
+                activation=ssm.get("activation", "identity"),
+                bias=ssm.get("bias", False),
+            )
+        except KeyError as e:
+            raise ConfigError(f"cartesia config is missing required key {e.args[0]!r}") from None
+        return cls(**fields)
+
+    def known_keys(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self)} | {"architectures", "model_type", "transformers_version",
+                                                              "auto_map", "tie_word_embeddings", "dtype"}

@@ -1,0 +1,246 @@
+"""Scans of the discrete Mamba-2 mixer: the pure-PyTorch reference paths and the CUDA kernel path, side by side.
+
+The recurrence (reference §1.3), per value head h and token t, with x_t in R^p and B_t, C_t in R^n:
+
+    H_t = a_t * H_{t-1} + x_t B_t^T        a_t = exp(log_decay_t) = exp(-softplus(A_log_t)),  H in R^{p x n}
+    y_t = H_t C_t
+
+There is no Δ multiplying B (no discretization). B and C have g heads; value head i reads group i // (h / g).
+
+Conventions follow mamba_ssm's `ssd_minimal_discrete`:
+    x (b, l, h, p)   log_decay (b, l, h)   B, C (b, l, g, n)   state (b, h, p, n)
+
+Paths
+- `ssd_recurrent`: a plain loop over t; the slow ground truth.
+- `ssd_chunked`: the SSD block decomposition (intra-chunk quadratic form + inter-chunk state passing);
+  any length, any chunk size, differentiable. The default on CPU.
+- `ssd_step`: one token, O(1) in the context length (decoding).
+- `materialize_mixer`: the (b, h, l, l) matrix M with y = M @ x (stage 1 of MOHAWK).
+- `causal_conv1d`, `causal_conv1d_step`: the depthwise causal conv with a carried state.
+- CUDA (`mamba-ssm`, `causal-conv1d` installed, tensors on a GPU): `mamba_chunk_scan_combined`,
+  `selective_state_update`, `causal_conv1d_fn/update`, called through the same functions via `kernels=`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_CHOICES = ("auto", "torch", "cuda")
+
+
+class KernelsUnavailable(RuntimeError):
+    """kernels='cuda' was asked for but the packages or a GPU are missing."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel dispatch
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def _cuda_kernels() -> dict | None:
+    """The CUDA kernels, or None when mamba-ssm / causal-conv1d are not importable (any failure counts:
+    without CUDA their imports raise ModuleNotFoundError for their compiled extensions)."""
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:
+        return None
+    return {
+        "chunk_scan": mamba_chunk_scan_combined,
+        "state_update": selective_state_update,
+        "conv_fn": causal_conv1d_fn,
+        "conv_update": causal_conv1d_update,
+    }
+
+
+def cuda_kernels_available() -> bool:
+    return torch.cuda.is_available() and _cuda_kernels() is not None
+
+
+def resolve_kernels(kernels: str, device: torch.device | str) -> str:
+    """'auto' -> 'cuda' when the kernels are installed and the tensors live on a GPU, else 'torch'."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if kernels == "cuda":
+        if _cuda_kernels() is None:
+            raise KernelsUnavailable("kernels='cuda' needs mamba-ssm and causal-conv1d: "
+                                     "pip install 'llamba[cuda]' --no-build-isolation (CUDA GPU required)")
+        if not on_gpu:
+            raise KernelsUnavailable("kernels='cuda' needs the model on a CUDA device; move it with .cuda() "
+                                     "or use kernels='torch'")
+        return "cuda"
+    if kernels == "auto" and on_gpu and _cuda_kernels() is not None:
+        return "cuda"
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+def expand_groups(t: torch.Tensor, h: int, dim: int) -> torch.Tensor:
+    """Repeat each of the g B/C heads over its h/g value heads (whole blocks, like GQA's repeat_kv)."""
+    g = t.shape[dim]
+    return t if g == h else t.repeat_interleave(h // g, dim=dim)
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """Stable segment sums: a (..., l) -> (..., l, l) with out[i, j] = sum_{k=j+1..i} a_k for i >= j, -inf above.
+
+    Summing the masked values directly (not differences of a cumsum) keeps small segments exact."""
+    l = a.shape[-1]
+    rep = a[..., None].expand(*a.shape, l)  # rep[..., i, j] = a_i
+    strict = torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device), diagonal=-1)
+    out = torch.cumsum(rep.masked_fill(~strict, 0), dim=-2)
+    keep = torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device), diagonal=0)
+    return out.masked_fill(~keep, float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Scans
+# --------------------------------------------------------------------------------------------------
+def ssd_recurrent(x, log_decay, B, C, chunk_size: int | None = None, initial_state=None):
+    """Reference loop. x: (b, l, h, p), log_decay: (b, l, h), B, C: (b, l, g, n), initial_state: (b, h, p, n).
+
+    Returns y: (b, l, h, p) and the final state (b, h, p, n). `chunk_size` is accepted and ignored so the
+    signature matches `ssd_chunked`. Accumulates in fp32."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    Bh, Ch = expand_groups(B, h, 2).float(), expand_groups(C, h, 2).float()
+    a = log_decay.float().exp()
+    state = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    ys = []
+    for t in range(l):
+        state = a[:, t, :, None, None] * state + x[:, t, :, :, None].float() * Bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=torch.float32)
+    return y.to(x.dtype), state
+
+
+def ssd_chunked(x, log_decay, B, C, chunk_size: int, initial_state=None, kernels: str = "torch"):
+    """Chunked SSD scan, same contract as `ssd_recurrent`; pads to a multiple of `chunk_size` internally.
+
+    x: (b, l, h, p), log_decay: (b, l, h), B, C: (b, l, g, n), initial_state: (b, h, p, n) or None.
+    Returns y: (b, l, h, p) in x.dtype and final_state: (b, h, p, n) in fp32."""
+    if resolve_kernels(kernels, x.device) == "cuda":
+        return _ssd_chunked_cuda(x, log_decay, B, C, chunk_size, initial_state)
+    return _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state)
+
+
+def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    q = chunk_size
+    pad = (-l) % q
+    # Padding with x = 0 and log_decay = 0 (a = 1) leaves the final state untouched.
+    xf = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
+    Af = F.pad(log_decay.float(), (0, 0, 0, pad))
+    Bf = F.pad(expand_groups(B, h, 2).float(), (0, 0, 0, 0, 0, pad))
+    Cf = F.pad(expand_groups(C, h, 2).float(), (0, 0, 0, 0, 0, pad))
+    c = (l + pad) // q
+    X = xf.view(b, c, q, h, p)
+    Bc = Bf.view(b, c, q, h, n)
+    Cc = Cf.view(b, c, q, h, n)
+    A = Af.view(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
+    A_cum = torch.cumsum(A, dim=-1)  # (b, h, c, q)
+
+    # 1. Inside each chunk: y = (L o C B^T) X, the quadratic "attention" form.
+    L = torch.exp(segsum(A))  # (b, h, c, q, q)
+    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * L  # (b, h, c, q, q)
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, X)
+
+    # 2. The state each chunk leaves behind, from its own inputs only.
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, q)
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, X)  # (b, c, h, p, n)
+
+    # 3. Pass states across chunks: S_{c+1} = exp(sum A over chunk c) S_c + chunk_states_c.
+    init = x.new_zeros(b, 1, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()[:, None]
+    states = torch.cat([init, chunk_states], dim=1)  # (b, c+1, h, p, n)
+    chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    entering, final_state = states[:, :-1], states[:, -1]  # (b, c, h, p, n), (b, h, p, n)
+
+    # 4. Contribution of the entering state to every position of the chunk.
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, entering, torch.exp(A_cum))
+    y = (y_diag + y_off).reshape(b, c * q, h, p)[:, :l]
+    return y.to(x.dtype), final_state
+
+
+def _ssd_chunked_cuda(x, log_decay, B, C, chunk_size, initial_state):
+    # The kernel computes H <- exp(dt*A) H + dt * B x'. With A = -1, dt = -log_decay = softplus(A_log) and
+    # x' = x / dt this is exactly the discrete recurrence (reference §1.3).
+    k = _cuda_kernels()
+    dt = (-log_decay.float()).clamp_min(1e-6)
+    A = -torch.ones(x.shape[2], device=x.device, dtype=torch.float32)
+    y, final = k["chunk_scan"](
+        (x.float() / dt[..., None]).to(x.dtype), dt.to(x.dtype), A, B, C, chunk_size,
+        initial_states=None if initial_state is None else initial_state.float(),
+        return_final_states=True,
+    )
+    return y.to(x.dtype), final.float()
+
+
+def ssd_step(x, log_decay, B, C, state, kernels: str = "torch"):
+    """One decoding step. x: (b, h, p), log_decay: (b, h), B, C: (b, g, n), state: (b, h, p, n) fp32.
+
+    Returns y: (b, h, p) and the new state (the CUDA path updates `state` in place and returns it)."""
+    h = x.shape[1]
+    if resolve_kernels(kernels, x.device) == "cuda":
+        p, n = x.shape[2], B.shape[-1]
+        dt = (-log_decay.float()).clamp_min(1e-6)[..., None].expand(-1, -1, p)  # (b, h, p)
+        A = -torch.ones(h, p, n, device=x.device, dtype=torch.float32)
+        y = _cuda_kernels()["state_update"](state, (x.float() / dt).to(x.dtype), dt.to(x.dtype), A, B, C)
+        return y.to(x.dtype), state
+    Bh, Ch = expand_groups(B, h, 1).float(), expand_groups(C, h, 1).float()
+    a = log_decay.float().exp()[..., None, None]
+    state = a * state + x.float()[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    return y.to(x.dtype), state
+
+
+def materialize_mixer(log_decay, B, C, D=None):
+    """The mixing matrix of the scan: log_decay (b, l, h), B, C (b, l, g, n), D (h,) or None -> M (b, h, l, l).
+
+    M[i, j] = (C_i . B_j) * prod_{k=j+1..i} a_k for i >= j, else 0; plus D on the diagonal. Then
+    y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] equals the scan output plus the D skip (rows = target time,
+    columns = source time, oriented like attention weights)."""
+    h = log_decay.shape[-1]
+    Bh, Ch = expand_groups(B, h, 2), expand_groups(C, h, 2)
+    L = torch.exp(segsum(log_decay.transpose(1, 2).float()))  # (b, h, l, l)
+    M = torch.einsum("blhn,bshn->bhls", Ch.float(), Bh.float()) * L
+    if D is not None:
+        M = M + torch.diag_embed(D.float()[:, None].expand(h, M.shape[-1]))
+    return M
+
+
+# --------------------------------------------------------------------------------------------------
+# Depthwise causal convolution over x, B, C
+# --------------------------------------------------------------------------------------------------
+def causal_conv1d(x, weight, bias=None, state=None, kernels: str = "torch"):
+    """x: (b, d, l), weight: (d, k), bias: (d,), state: (b, d, k-1) past inputs or None (zeros).
+
+    Returns y: (b, d, l) and the new state (b, d, k-1): the last k-1 inputs, for decoding to continue."""
+    k = weight.shape[-1]
+    if resolve_kernels(kernels, x.device) == "cuda":
+        init = None if state is None else state.to(x.dtype).contiguous()
+        y, new_state = _cuda_kernels()["conv_fn"](x, weight, bias, initial_states=init, return_final_states=True)
+        return y, new_state
+    past = x.new_zeros(x.shape[0], x.shape[1], k - 1) if state is None else state.to(x.dtype)
+    xs = torch.cat([past, x], dim=-1)  # (b, d, k-1+l)
+    y = F.conv1d(xs, weight[:, None, :], bias, groups=x.shape[1])
+    return y, xs[..., xs.shape[-1] - (k - 1):]
+
+
+def causal_conv1d_step(x, state, weight, bias=None, kernels: str = "torch"):
+    """One token. x: (b, d), state: (b, d, k-1), weight: (d, k) -> y: (b, d), new state (b, d, k-1)."""
+    if resolve_kernels(kernels, x.device) == "cuda":
+        y = _cuda_kernels()["conv_update"](x, state, weight, bias)  # updates state in place
+        return y, state
+    window = torch.cat([state.to(x.dtype), x[..., None]], dim=-1)  # (b, d, k)
+    y = (window * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return y, window[..., 1:]
