@@ -101,6 +101,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                kernels: str = "auto") -> LlambaForCausalLM:
     """Load a Llamba checkpoint of either layout. Shape or key mismatches raise CheckpointError."""
+    torch_dtype = parse_dtype(dtype)
     config, layout = read_config(path)
     weights = read_weights(path)
     weights = {k.removeprefix("model."): v for k, v in weights.items()} if layout == "cartesia" else weights
@@ -123,8 +124,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     model.load_state_dict(weights, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embedding.weight
-    torch_dtype = parse_dtype(dtype) or next(iter(weights.values())).dtype
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    model = model.to(device=device, dtype=torch_dtype or next(iter(weights.values())).dtype).eval()
     model.set_kernels(kernels)
     return model
 

@@ -43,8 +43,9 @@ class LlambaConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        self.tie_word_embeddings = self.tie_embeddings
+        kwargs.pop("tie_word_embeddings", None)  # `tie_embeddings` is the one source of truth
         super().__post_init__(**kwargs)
+        self.tie_word_embeddings = self.tie_embeddings
         self.check()
 
     # Derived sizes -------------------------------------------------------------------------------

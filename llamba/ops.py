@@ -135,38 +135,40 @@ def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):
     n = B.shape[-1]
     q = chunk_size
     pad = (-l) % q
-    # Padding with x = 0 and log_decay = 0 (a = 1) leaves the final state untouched.
-    xf = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
-    Af = F.pad(log_decay.float(), (0, 0, 0, pad))
-    Bf = F.pad(expand_groups(B, h, 2).float(), (0, 0, 0, 0, 0, pad))
-    Cf = F.pad(expand_groups(C, h, 2).float(), (0, 0, 0, 0, 0, pad))
     c = (l + pad) // q
-    X = xf.view(b, c, q, h, p)
-    Bc = Bf.view(b, c, q, h, n)
-    Cc = Cf.view(b, c, q, h, n)
-    A = Af.view(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
-    A_cum = torch.cumsum(A, dim=-1)  # (b, h, c, q)
+
+    def chunked(t):  # (b, l, h, e) -> (b, h, c, q, e), zero-padded; fp32
+        t = F.pad(t.float(), (0, 0, 0, 0, 0, pad))
+        return t.view(b, c, q, h, t.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    # Padding with x = 0 and log_decay = 0 (a = 1) leaves the final state untouched.
+    X = chunked(x)  # (b, h, c, q, p)
+    Bc, Cc = chunked(expand_groups(B, h, 2)), chunked(expand_groups(C, h, 2))  # (b, h, c, q, n)
+    A = F.pad(log_decay.float(), (0, 0, 0, pad)).view(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
+    A_cum = torch.cumsum(A, dim=-1)
 
     # 1. Inside each chunk: y = (L o C B^T) X, the quadratic "attention" form.
-    L = torch.exp(segsum(A))  # (b, h, c, q, q)
-    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * L  # (b, h, c, q, q)
-    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, X)
+    scores = (Cc @ Bc.transpose(-1, -2)) * torch.exp(segsum(A))  # (b, h, c, q, q)
+    y = scores @ X  # (b, h, c, q, p)
 
-    # 2. The state each chunk leaves behind, from its own inputs only.
-    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, q)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, X)  # (b, c, h, p, n)
+    # 2. The state each chunk leaves behind from its own inputs, kept as (n, p) for the matmuls.
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)[..., None]  # (b, h, c, q, 1)
+    chunk_states = (Bc * decay_to_end).transpose(-1, -2) @ X  # (b, h, c, n, p)
 
-    # 3. Pass states across chunks: S_{c+1} = exp(sum A over chunk c) S_c + chunk_states_c.
-    init = x.new_zeros(b, 1, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()[:, None]
-    states = torch.cat([init, chunk_states], dim=1)  # (b, c+1, h, p, n)
+    # 3. Pass states across chunks: S_{c+1} = exp(sum of A over chunk c) S_c + chunk_states_c.
+    if initial_state is None:
+        init = x.new_zeros(b, h, 1, n, p, dtype=torch.float32)
+    else:
+        init = initial_state.float().transpose(-1, -2)[:, :, None]  # (b, h, 1, n, p)
+    states = torch.cat([init, chunk_states], dim=2)  # (b, h, c+1, n, p)
     chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    entering, final_state = states[:, :-1], states[:, -1]  # (b, c, h, p, n), (b, h, p, n)
+    states = (chunk_decay @ states.flatten(3)).view(b, h, c + 1, n, p)
+    entering, final_state = states[:, :, :-1], states[:, :, -1].transpose(-1, -2)  # final: (b, h, p, n)
 
-    # 4. Contribution of the entering state to every position of the chunk.
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, entering, torch.exp(A_cum))
-    y = (y_diag + y_off).reshape(b, c * q, h, p)[:, :l]
-    return y.to(x.dtype), final_state
+    # 4. Contribution of the entering state to every position of its chunk.
+    y = y + (Cc * torch.exp(A_cum)[..., None]) @ entering  # (b, h, c, q, p)
+    y = y.permute(0, 2, 3, 1, 4).reshape(b, c * q, h, p)[:, :l]
+    return y.to(x.dtype), final_state.contiguous()
 
 
 def _ssd_chunked_cuda(x, log_decay, B, C, chunk_size, initial_state):
