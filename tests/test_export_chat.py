@@ -1,0 +1,69 @@
+"""Chat carries context in the recurrent state and samples exactly what one-shot generation samples."""
+
+import pytest
+from click.testing import CliRunner
+from export_fixtures import make_checkpoint, tiny_config
+
+pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from export.chat import ChatSession, MlxEngine, prompt_messages, render  # noqa: E402
+from export.cli import chat, generate  # noqa: E402
+from export.convert import convert  # noqa: E402
+from export.mlx_generate import generate as mlx_generate  # noqa: E402
+from llamba.generate import SamplingParams, chat_stop_ids  # noqa: E402
+
+PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    make_checkpoint(root / "ckpt", tiny_config(), seed=11)
+    return root / "ckpt", convert(root / "ckpt", root / "mlx", dtype="float32")
+
+
+def test_two_turns_equal_one_shot_generation(dirs):
+    engine = MlxEngine(dirs[1])
+    tok = engine.tokenizer
+    session = ChatSession(engine, PARAMS)
+    first = list(session.send("hello world"))
+    full_2 = render(tok, session.messages + [{"role": "user", "content": "the cat sat"}])
+    fed_before = list(session.fed)
+    second = list(session.send("the cat sat"))
+    assert session.state.seqlen == len(session.fed)  # every fed token, stop tokens included, is in the state
+    # The answer re-renders to the same ids, so turn 2 feeds only its new tokens, not the whole history.
+    assert full_2[: len(fed_before)] == fed_before
+    assert session.prefilled == len(full_2) - len(fed_before) < len(full_2)
+
+    params = PARAMS.with_overrides(stop_token_ids=chat_stop_ids(tok))
+    assert mlx_generate(engine.model, render(tok, prompt_messages("hello world")), params) == first
+    assert mlx_generate(engine.model, full_2, params) == second
+
+
+def test_chat_cli_matches_generate_cli(dirs):
+    runner = CliRunner()
+    args = ["--model", str(dirs[1]), "--temp", "0.8", "--top-p", "0.95", "--seed", "3", "--max-tokens", "8"]
+    res = runner.invoke(chat, args, input="hello world\nthe cat sat\n/reset\nhello world\n/exit\n")
+    assert res.exit_code == 0, res.output
+    answers = [a.strip() for a in res.stdout.split(">> ") if a.strip()]  # /reset and /exit print no answer
+    assert len(answers) == 3 and answers[0] == answers[2]  # /reset forgets the first two turns
+    assert res.stderr.count("[prompt") == 3 and "peak" in res.stderr
+    one_shot = runner.invoke(generate, args + ["--prompt", "hello world"])
+    assert one_shot.exit_code == 0, one_shot.output
+    assert one_shot.stdout.strip() == answers[0]
+
+
+def test_torch_backend_matches_mlx_greedy(dirs):
+    runner = CliRunner()
+    outs = [runner.invoke(generate, ["--model", str(d), "--prompt", "what is the sun", "--max-tokens", "6"])
+            for d in dirs]
+    assert all(r.exit_code == 0 for r in outs), [r.output for r in outs]
+    assert outs[0].stdout == outs[1].stdout
+    res = runner.invoke(chat, ["--model", str(dirs[0]), "--backend", "torch", "--max-tokens", "4"], input="hello\n")
+    assert res.exit_code == 0 and "tok/s" in res.stderr
+
+
+def test_not_a_model_dir_is_one_line(tmp_path):
+    res = CliRunner().invoke(generate, ["--model", str(tmp_path), "--prompt", "hi"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and "config.json" in res.output
