@@ -14,5 +14,15 @@ for _id, _entry in (("DarkRoom-v0", "envs.darkroom:DarkRoom"), ("KeyToDoor-v0", 
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_entry)
 
-__all__ = ["BatchedDarkRoom", "BatchedKeyToDoor", "DarkRoom", "EnvSpec", "KeyToDoor", "darkroom_optimal_return",
-           "darkroom_split", "keytodoor_optimal_return", "keytodoor_split", "optimal_return"]
+__all__ = [
+    "BatchedDarkRoom",
+    "BatchedKeyToDoor",
+    "DarkRoom",
+    "EnvSpec",
+    "KeyToDoor",
+    "darkroom_optimal_return",
+    "darkroom_split",
+    "keytodoor_optimal_return",
+    "keytodoor_split",
+    "optimal_return",
+]

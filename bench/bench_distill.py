@@ -1,0 +1,100 @@
+"""Distillation benchmarks on the embedded teacher (CPU); numbers go to BENCHMARKS.md.
+
+    python bench/bench_distill.py init        # both mixer inits: held-out ppl + per-layer error right after init
+    python bench/bench_distill.py throughput  # stage-3 training tok/s vs the teacher's own forward+backward
+    python bench/bench_distill.py report RUN_DIR [RUN_DIR ...]   # per-stage errors / ppl of finished runs
+
+Each prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _teacher():
+    from distill.run import get_teacher
+
+    return get_teacher("default", torch.device("cpu"))
+
+
+def bench_init(eval_tokens: int = 512) -> None:
+    from distill.data import build_token_data, load_documents
+    from distill.evaluate import evaluate_tokens
+    from distill.init import build_student
+
+    t = _teacher()
+    held = build_token_data(load_documents(None), t.tokenizer, 256).heldout[: eval_tokens // 256]
+    for init in ("llamba", "attention"):
+        student = build_student(t.model, init=init, seed=0)
+        ev = evaluate_tokens(student, t.model, held)
+        print(json.dumps({"bench": "init", "init": init, **ev}), flush=True)
+
+
+def bench_throughput(batch: int = 4, seq_len: int = 256, reps: int = 3) -> None:
+    """Teacher forward+backward (all parameters trainable) vs one stage-3 step (teacher forward + student
+    forward + KD loss + backward), same batch, fp32; best of `reps` after one warm-up."""
+    from distill.init import build_student
+    from distill.losses import kd_loss
+
+    t = _teacher()
+    student = build_student(t.model, init="llamba")
+    ids = torch.randint(0, t.model.config.vocab_size, (batch, seq_len))
+
+    def teacher_fb():
+        t.model.requires_grad_(True)
+        out = t.model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        t.model.zero_grad(set_to_none=True)
+        t.model.requires_grad_(False)
+
+    def stage3():
+        with torch.no_grad():
+            tl = t.model(input_ids=ids).logits
+        loss = kd_loss(student(ids).logits, tl)
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.time()
+            fn()
+            times.append(time.time() - t0)
+        return batch * seq_len / min(times)
+
+    teacher_tps, stage3_tps = best(teacher_fb), best(stage3)
+    print(json.dumps({"bench": "throughput", "batch": batch, "seq_len": seq_len, "teacher_fwd_bwd_tok_s": teacher_tps,
+                      "stage3_tok_s": stage3_tps, "ratio": stage3_tps / teacher_tps}), flush=True)
+
+
+def report(run_dirs: list[str]) -> None:
+    for run in map(Path, run_dirs):
+        row = {"bench": "run", "run": str(run)}
+        for name in ("init/eval.json", "eval.json"):
+            if (run / name).is_file():
+                row[name] = json.loads((run / name).read_text())
+        for k in (1, 2, 3):
+            done = run / f"stage{k}" / "DONE.json"
+            if done.is_file():
+                row[f"stage{k}"] = json.loads(done.read_text())
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "init"
+    if cmd == "init":
+        bench_init()
+    elif cmd == "throughput":
+        bench_throughput()
+    elif cmd == "report":
+        report(sys.argv[2:])
+    else:
+        raise SystemExit(f"unknown benchmark {cmd!r}")

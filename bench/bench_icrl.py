@@ -1,0 +1,172 @@
+"""In-context RL benchmark: batched-env throughput, then the Dark Room and Key-to-Door grids (AD vs n-gram AD).
+
+Prints a table and appends an `## In-context RL` section to BENCHMARKS.md (repo root).
+    .venv/bin/python bench/bench_icrl.py                      # both envs, shipped configs, grids in parallel
+    .venv/bin/python bench/bench_icrl.py --envs darkroom --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from envs import EnvSpec  # noqa: E402
+from icrl.histories import DataConfig, generate  # noqa: E402
+
+
+def env_throughput(name: str, b: int = 4096, steps: int = 2000) -> float:
+    """Random-action env steps per second of the batched NumPy env (b tasks at once)."""
+    spec = EnvSpec(name)
+    rng = np.random.default_rng(0)
+    tasks = spec.split(64, 16)[0]
+    env = spec.batched(np.resize(tasks, (b, *tasks.shape[1:])))
+    env.reset(rng)
+    done_steps, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        active = int((~env.done).sum())
+        env.step(rng.integers(0, 5, size=b))
+        done_steps += active
+        if env.done.all():
+            env.reset(rng)
+    return done_steps / (time.perf_counter() - t0)
+
+
+def qlearning_throughput(name: str) -> tuple[float, int]:
+    spec = EnvSpec(name)
+    cfg = DataConfig(n_train_tasks=64, histories_per_task=8, episodes_per_history=60, lr=0.9, gamma=0.9)
+    t0 = time.perf_counter()
+    h, _ = generate(spec, cfg)
+    return h.total_transitions / (time.perf_counter() - t0), h.total_transitions
+
+
+def run_env_grid(args: tuple[str, str | None, str]) -> dict:
+    env, config, out = args
+    import torch
+
+    from icrl.config import load_config
+    from icrl.runner import run_grid
+
+    torch.set_num_threads(1)
+    cfg = load_config(env, config)
+    lines = []
+    t0 = time.time()
+    summary = run_grid(
+        cfg, Path(out) / env, log=lambda s: (lines.append(s), print(f"[{env}] {s}", flush=True))
+    )
+    return {
+        "env": env,
+        "seconds": time.time() - t0,
+        "summary": summary,
+        "log": lines,
+        "steps": cfg.train.steps,
+        "draws": cfg.grid.draws,
+        "batch": cfg.train.batch_size,
+        "context": cfg.model.seq_len,
+        "d_model": cfg.model.d_model,
+        "eval_episodes": cfg.eval.episodes,
+        "greedy": cfg.eval.greedy,
+    }
+
+
+def section(throughput: dict, results: list[dict], note: str) -> str:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    import torch
+
+    out = [
+        "",
+        "## In-context RL",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
+        f"jobs), torch {torch.__version__}, numpy {np.__version__}; {now}. Script: `bench/bench_icrl.py`.",
+        "",
+    ]
+    if note:
+        out += [note, ""]
+    out += [
+        "### Data generation (batched NumPy envs)",
+        "",
+        "| env | random-action env steps/s (4096 envs) | Q-learning history steps/s |",
+        "|---|---:|---:|",
+    ]
+    for env, t in throughput.items():
+        out.append(f"| {env} | {t['env']:,.0f} | {t['qlearn']:,.0f} |")
+    for r in results:
+        s = r["summary"]
+        out += [
+            "",
+            f"### {r['env']} grid ({r['seconds'] / 60:.1f} min)",
+            "",
+            f"{r['draws']} random hyperparameter draws per method and budget, {r['steps']} AdamW steps each "
+            f"(batch {r['batch']}, context {r['context']} transitions, d_model {r['d_model']}); score = return / "
+            f"optimal on 16 held-out tasks, mean of the last 3 of {r['eval_episodes']} in-context episodes "
+            f"({'greedy' if r['greedy'] else 'sampled'} actions).",
+            "",
+        ]
+        out.append("| method | train tasks | transitions | best score | mean score | EMP n=1..N |")
+        out.append("|---|---:|---:|---:|---:|---|")
+        for c in s["cells"]:
+            out.append(
+                f"| {c['method']} | {c['n_train_tasks']} | {c['transitions']:,} | {c['best']:.3f} | "
+                f"{c['mean']:.3f} | {' '.join(f'{v:.2f}' for v in c['emp'])} |"
+            )
+        reach = s["transitions_to_threshold"]
+        out += [
+            "",
+            f"Transitions to reach {s['threshold']:.0%} of optimal (best draw): "
+            + ", ".join(f"{m}: {'not reached' if t is None else f'{t:,}'}" for m, t in reach.items()),
+            "",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--envs", default="darkroom,keytodoor")
+    p.add_argument("--darkroom-config", default=None)
+    p.add_argument("--keytodoor-config", default=None)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_icrl"))
+    p.add_argument("--sequential", action="store_true", help="run the env grids one after another")
+    p.add_argument("--note", default="", help="a line added to the BENCHMARKS.md section")
+    p.add_argument("--no-append", action="store_true")
+    args = p.parse_args()
+    envs = [e for e in args.envs.split(",") if e]
+    throughput = {}
+    for env in ("darkroom", "keytodoor"):
+        q, _ = qlearning_throughput(env)
+        throughput[env] = {"env": env_throughput(env), "qlearn": q}
+        print(f"{env}: {throughput[env]['env']:,.0f} env steps/s, Q-learning {q:,.0f} steps/s", flush=True)
+    jobs = [(e, getattr(args, f"{e}_config"), args.out) for e in envs]
+    if args.sequential or len(jobs) == 1:
+        results = [run_env_grid(j) for j in jobs]
+    else:
+        with mp.get_context("spawn").Pool(len(jobs)) as pool:
+            results = pool.map(run_env_grid, jobs)
+    text = section(throughput, results, args.note)
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench.json").write_text(
+        json.dumps({"throughput": throughput, "results": results}, indent=1)
+    )
+    if not args.no_append:
+        path = ROOT / "BENCHMARKS.md"
+        with open(path, "a") as f:
+            if path.stat().st_size == 0:
+                f.write("# Benchmarks\n")
+            f.write(text)
+        print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    main()

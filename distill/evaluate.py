@@ -1,0 +1,82 @@
+"""Teacher vs student on held-out text: perplexities, mean KL(teacher || student), next-token top-1 agreement,
+and per-layer relative hidden-state error ||h_s - h_t|| / ||h_t||, two ways:
+    layer_rel_err   teacher-forced: student block i on the teacher's hidden_states[i] vs hidden_states[i+1]
+                    (what stages 1-2 optimize, one number per layer)
+    stream_rel_err  free-running: the student's own residual stream after layer i vs the teacher's
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distill.data import build_token_data, load_documents
+from distill.teacher import teacher_residuals
+
+
+@torch.no_grad()
+def evaluate_tokens(student, teacher_model, ids: torch.Tensor, batch_size: int = 4, per_layer: bool = True) -> dict:
+    """ids: (n, l) held-out rows on the models' device -> metrics dict (see the module docstring)."""
+    student.eval()
+    n_layer = len(student.backbone.layers)
+    nll_s = nll_t = kl = agree = count = 0.0
+    diff_tf = torch.zeros(n_layer, dtype=torch.float64)
+    diff_st = torch.zeros(n_layer, dtype=torch.float64)
+    ref = torch.zeros(n_layer, dtype=torch.float64)
+    for start in range(0, ids.shape[0], batch_size):
+        x = ids[start:start + batch_size]
+        t = teacher_residuals(teacher_model, x)
+        h = student.backbone.embedding(x)
+        for i, block in enumerate(student.backbone.layers):
+            target = t["resid"][i + 1].float()
+            h, _, _ = block(h)
+            diff_st[i] += (h.float() - target).pow(2).sum().item()
+            ref[i] += target.pow(2).sum().item()
+            if per_layer:
+                pred, _, _ = block(t["resid"][i])
+                diff_tf[i] += (pred.float() - target).pow(2).sum().item()
+        s_logits = student.lm_head(student.backbone.final_layernorm(h)).float()
+        t_logits = t["logits"]
+        targets = x[:, 1:].reshape(-1)
+        nll_s += F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]), targets, reduction="sum").item()
+        nll_t += F.cross_entropy(t_logits[:, :-1].reshape(-1, t_logits.shape[-1]), targets, reduction="sum").item()
+        log_ps, log_pt = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        kl += (log_pt.exp() * (log_pt - log_ps)).sum().item() / x.shape[1] * (x.shape[1] - 1)
+        agree += (s_logits[:, :-1].argmax(-1) == t_logits[:, :-1].argmax(-1)).sum().item()
+        count += targets.numel()
+    out = {
+        "tokens": int(ids.numel()),
+        "teacher_ppl": math.exp(nll_t / count),
+        "student_ppl": math.exp(nll_s / count),
+        "kl": kl / count,
+        "top1_agreement": agree / count,
+        "stream_rel_err": (diff_st / ref).sqrt().tolist(),
+    }
+    out["ppl_ratio"] = out["student_ppl"] / out["teacher_ppl"]
+    if per_layer:
+        out["layer_rel_err"] = (diff_tf / ref).sqrt().tolist()
+    return out
+
+
+def evaluate(model, teacher="default", data=None, seq_len: int = 256, max_tokens: int = 2048, batch_size: int = 4,
+             per_layer: bool = True, device: str = "auto", text_field: str = "text",
+             docs: list[str] | None = None) -> dict:
+    """model: a Llamba checkpoint directory or a LlambaForCausalLM; teacher: a spec for load_teacher, a
+    (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used). Evaluates on up to
+    max_tokens held-out tokens in rows of seq_len. Returns the metrics dict of `evaluate_tokens`."""
+    from distill.run import get_teacher, load_student, resolve_device
+
+    dev = resolve_device(device)
+    t = get_teacher(teacher, dev)
+    student = load_student(model, dev) if isinstance(model, (str, Path)) else model.to(dev)
+    if student.config.vocab_size != t.model.config.vocab_size:
+        raise ValueError(f"student vocab_size {student.config.vocab_size} != teacher vocab_size "
+                         f"{t.model.config.vocab_size}: they were not distilled from each other")
+    if docs is None:
+        docs = load_documents(data, text_field, t.model, t.tokenizer)
+    held = build_token_data(docs, t.tokenizer, seq_len).heldout
+    n = max(1, min(held.shape[0], max_tokens // seq_len))
+    return evaluate_tokens(student, t.model, held[:n].to(dev), batch_size, per_layer)

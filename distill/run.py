@@ -1,0 +1,349 @@
+"""Run directories, the training loop shared by the stages, atomic checkpoints and resume.
+
+    RUN_DIR/init/             the initialized student (HF layout) and its held-out perplexity (eval.json)
+    RUN_DIR/stageK/           config.json + model.safetensors (LlambaForCausalLM.from_pretrained loads it),
+                              metrics.jsonl, loss.png, spec.json (the stage's settings), DONE.json when finished,
+                              resume.pt while the stage runs (student + optimizer + step; written atomically)
+
+Kill the process at any moment and re-run the same command: finished stages are skipped and a running stage
+continues from its last resume.pt, reading the same batches it would have read (batches are a function of the
+step), so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.data import TokenData, build_token_data, load_documents
+from distill.init import build_student
+from distill.plots import plot_stage
+from distill.schedule import wsd_lr
+from distill.stages import (
+    STAGE_STEPS,
+    StageSpec,
+    default_spec,
+    make_optimizer,
+    split_budget,
+    trainable_parameters,
+)
+from distill.teacher import load_teacher
+from llamba.config import LlambaConfig
+from llamba.model import LlambaForCausalLM
+
+DEFAULT_TOTAL_TOKENS = 64_000
+REQUIRED_KEYS = ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads", "n_qk_heads")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class RunError(ValueError):
+    """Bad run directory, checkpoint or settings; the one-line message names the file and field."""
+
+
+class Interrupted(RuntimeError):
+    """Raised by `stop_after` (tests simulate a kill with it, right after a checkpoint)."""
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def get_teacher(teacher, device: torch.device, dtype: torch.dtype = torch.float32) -> Teacher:
+    if isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, tuple):
+        return Teacher(teacher[0].to(device), teacher[1], "given")
+    model, tokenizer = load_teacher(teacher, dtype)
+    return Teacher(model.to(device), tokenizer, str(teacher))
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic files
+# --------------------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_student(student: LlambaForCausalLM, dest: Path) -> None:
+    """save_pretrained into a temporary folder beside dest, then move each file into dest with os.replace."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".save-"))
+    try:
+        student.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config last
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_student(path: str | Path, device: torch.device | str = "cpu") -> LlambaForCausalLM:
+    """A Llamba checkpoint directory -> model. Unknown config keys warn; missing keys, bad dtypes and shape
+    mismatches raise RunError naming the file and field."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise RunError(f"{cfg_file}: not found (expected a Llamba checkpoint directory)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{cfg_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if raw.get("model_type") != "llamba":
+        raise RunError(f"{cfg_file}: field `model_type` is {raw.get('model_type')!r}, not 'llamba'")
+    for key in REQUIRED_KEYS:
+        if key not in raw:
+            raise RunError(f"{cfg_file}: missing required field `{key}`")
+    dtype = raw.get("dtype") or "float32"
+    if dtype not in SUPPORTED_DTYPES:
+        raise RunError(f"{cfg_file}: field `dtype` is {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    known = LlambaConfig().known_keys()
+    unknown = sorted(set(raw) - known - set(LlambaConfig().to_dict()))
+    if unknown:
+        warnings.warn(f"{cfg_file}: ignoring unknown config keys {unknown}", stacklevel=2)
+    try:
+        config = LlambaConfig.from_pretrained(path)
+    except ValueError as e:
+        raise RunError(f"{cfg_file}: {e}") from None
+    model = LlambaForCausalLM(config)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise RunError(f"{weights}: not found")
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise RunError(f"{weights}: tensor `{name}` has shape {tuple(tensor.shape)}, config.json implies "
+                           f"{tuple(expected[name].shape)}")
+    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing:
+        raise RunError(f"{weights}: missing tensor `{missing[0]}` ({len(missing)} missing)")
+    model.load_state_dict(state, strict=False)
+    if config.tie_embeddings:
+        model.tie_weights()
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------------
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tok_s]:.0f} tok/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, data: TokenData, stage_dir: Path,
+                device: torch.device, progress: bool = True, ckpt_every_s: float = 120.0,
+                stop_after: int | None = None) -> dict:
+    """Train one stage from step 0 or from stage_dir/resume.pt; write the final checkpoint, metrics and plot.
+
+    stop_after: raise Interrupted after that many optimizer steps of this call (a checkpoint is written first)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    spec_file, resume_file, metrics_file = stage_dir / "spec.json", stage_dir / "resume.pt", stage_dir / "metrics.jsonl"
+    if spec_file.is_file():
+        old = json.loads(spec_file.read_text())
+        diff = [k for k, v in spec.to_json().items() if old.get(k) != v]
+        if diff and resume_file.is_file():
+            raise RunError(f"{spec_file}: this stage was started with a different `{diff[0]}` "
+                           f"({old.get(diff[0])!r} vs {spec.to_json()[diff[0]]!r}); use another --out or delete it")
+    atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=1))
+
+    student.to(device).train()
+    named = trainable_parameters(student, spec)
+    params = [p for _, p in named]
+    opt = make_optimizer(named, spec)
+    step, elapsed = 0, 0.0
+    metrics = _read_metrics(metrics_file)
+    if resume_file.is_file():
+        ckpt = torch.load(resume_file, map_location=device, weights_only=False)
+        student.load_state_dict(ckpt["student"])
+        opt.load_state_dict(ckpt["optim"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        metrics = metrics[: ckpt["metric_lines"]]
+    atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in metrics))
+
+    def checkpoint():
+        atomic_torch_save({"student": student.state_dict(), "optim": opt.state_dict(), "step": step,
+                           "elapsed": elapsed, "metric_lines": len(metrics)}, resume_file)
+        plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}") if metrics else None
+
+    loss_step = STAGE_STEPS[spec.stage](student, teacher.model, spec, device)
+    total = spec.total_steps
+    last_ckpt, done_here = time.time(), 0
+    with _progress(progress) as bar, open(metrics_file, "a", encoding="utf-8") as log:
+        task = bar.add_task(f"stage {spec.stage}", total=total, completed=step, loss=float("nan"), tok_s=0.0)
+        while step < total:
+            t0 = time.time()
+            lr = wsd_lr(step, total, spec.lr, spec.warmup, spec.decay)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            losses, per_layer = [], None
+            for micro in range(spec.grad_accum):
+                ids = data.batch(step * spec.grad_accum + micro, spec.batch_size, spec.seed).to(device)
+                loss, layers = loss_step(ids, 1.0 / spec.grad_accum)
+                losses.append(loss)
+                if layers is not None:
+                    per_layer = layers if per_layer is None else [a + b for a, b in zip(per_layer, layers, strict=True)]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - t0
+            elapsed += dt
+            row = {"step": step, "tokens": step * spec.tokens_per_step, "loss": sum(losses) / len(losses), "lr": lr,
+                   "grad_norm": grad_norm, "tok_s": spec.tokens_per_step / dt, "elapsed_s": round(elapsed, 3)}
+            if per_layer is not None:
+                row["per_layer"] = [x / spec.grad_accum for x in per_layer]
+            metrics.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.update(task, completed=step, loss=row["loss"], tok_s=row["tok_s"])
+            done_here += 1
+            stop = stop_after is not None and done_here >= stop_after
+            if step < total and (stop or time.time() - last_ckpt >= ckpt_every_s):
+                checkpoint()
+                last_ckpt = time.time()
+            if stop and step < total:
+                raise Interrupted(f"stopped after {done_here} steps (step {step}/{total})")
+
+    student.eval()
+    save_student(student, stage_dir)
+    plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}")
+    tail = metrics[-max(1, len(metrics) // 10):]
+    summary = {"stage": spec.stage, "steps": total, "tokens": total * spec.tokens_per_step,
+               "final_loss": sum(m["loss"] for m in tail) / len(tail), "elapsed_s": round(elapsed, 1),
+               "tok_s": round(total * spec.tokens_per_step / max(elapsed, 1e-9), 1)}
+    if tail and "per_layer" in tail[-1]:
+        summary["per_layer"] = [sum(m["per_layer"][i] for m in tail) / len(tail) for i in range(len(tail[-1]["per_layer"]))]
+    atomic_write_text(stage_dir / "DONE.json", json.dumps(summary, indent=1))
+    resume_file.unlink(missing_ok=True)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages and the whole pipeline
+# --------------------------------------------------------------------------------------------------
+def stage_start(out: Path, stage: int, teacher: Teacher, init: str, init_from: str | Path | None, seed: int,
+                device: torch.device) -> LlambaForCausalLM:
+    """The student a stage starts from: --init-from, else the previous stage of this run, else (stage 1) the
+    initialized student saved under RUN_DIR/init (built once, so re-runs start from the same weights)."""
+    if init_from is not None:
+        return load_student(init_from, device)
+    if stage > 1:
+        prev = out / f"stage{stage - 1}"
+        if not (prev / "DONE.json").is_file():
+            raise RunError(f"{prev}/DONE.json: stage {stage - 1} has not finished in this run; run it first "
+                           "(or pass --init-from CHECKPOINT)")
+        return load_student(prev, device)
+    init_dir = out / "init"
+    if (init_dir / "config.json").is_file():
+        return load_student(init_dir, device)
+    student = build_student(teacher.model, init=init, seed=seed)
+    save_student(student, init_dir)
+    atomic_write_text(init_dir / "init.json", json.dumps({"init": init, "seed": seed}))
+    return student.to(device)
+
+
+def distill_stage(stage: int, teacher="default", out: str | Path = "runs/distill", data=None, tokens: int | None = None,
+                  init: str = "llamba", init_from: str | Path | None = None, device: str = "auto",
+                  text_field: str = "text", progress: bool = True, ckpt_every_s: float = 120.0,
+                  stop_after: int | None = None, docs: list[str] | None = None, **spec_overrides) -> dict:
+    """Run (or resume, or skip when finished) stage 1, 2 or 3 in RUN_DIR `out`. spec_overrides: any StageSpec
+    field (seq_len, batch_size, grad_accum, lr, seed, precision, temperature, hard_weight, freeze_mlp,
+    mixer_only, ...). Returns the stage summary (also in RUN_DIR/stageK/DONE.json)."""
+    out = Path(out)
+    stage_dir = out / f"stage{stage}"
+    if (stage_dir / "DONE.json").is_file():
+        return json.loads((stage_dir / "DONE.json").read_text())
+    dev = resolve_device(device)
+    t = get_teacher(teacher, dev)
+    tokens = tokens if tokens is not None else split_budget(DEFAULT_TOTAL_TOKENS)[stage]
+    spec = default_spec(stage, tokens, **spec_overrides)
+    if docs is None:
+        docs = load_documents(data, text_field, t.model, t.tokenizer)
+    token_data = build_token_data(docs, t.tokenizer, spec.seq_len)
+    student = stage_start(out, stage, t, init, init_from, spec.seed, dev)
+    return train_stage(spec, student, t, token_data, stage_dir, dev, progress, ckpt_every_s, stop_after)
+
+
+def distill_all(teacher="default", out: str | Path = "runs/distill", data=None, tokens: int = DEFAULT_TOTAL_TOKENS,
+                init: str = "llamba", device: str = "auto", text_field: str = "text", eval_tokens: int = 2048,
+                progress: bool = True, ckpt_every_s: float = 120.0, stage_overrides: dict | None = None,
+                **spec_overrides) -> dict:
+    """The main job: init -> stage 1 -> stage 2 -> stage 3 -> held-out evaluation, resumable at any point.
+
+    tokens: total budget, split 3.75% / 33.75% / 62.5% over the stages; spec_overrides apply to every stage and
+    stage_overrides = {k: {...}} to stage k only. Returns {"init": {...}, "stages": {k: summary},
+    "eval": evaluate(...) dict, "out": str}; the evaluation is also written to RUN_DIR/eval.json."""
+    from distill.evaluate import evaluate, evaluate_tokens
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    t = get_teacher(teacher, dev)
+    docs = load_documents(data, text_field, t.model, t.tokenizer)
+    budget = split_budget(tokens)
+    seed = spec_overrides.get("seed") or 0
+    result = {"out": str(out), "stages": {}}
+
+    init_eval = out / "init" / "eval.json"
+    student = stage_start(out, 1, t, init, None, seed, dev)
+    if not init_eval.is_file():
+        held = build_token_data(docs, t.tokenizer, 256).heldout
+        n = max(1, min(held.shape[0], eval_tokens // 256))
+        atomic_write_text(init_eval, json.dumps(evaluate_tokens(student, t.model, held[:n].to(dev), per_layer=False)))
+    result["init"] = json.loads(init_eval.read_text())
+    del student
+
+    for k in (1, 2, 3):
+        overrides = {**spec_overrides, **((stage_overrides or {}).get(k, {}))}
+        result["stages"][k] = distill_stage(k, t, out, tokens=budget[k], init=init, device=device, progress=progress,
+                                            ckpt_every_s=ckpt_every_s, docs=docs, **overrides)
+    eval_file = out / "eval.json"
+    if not eval_file.is_file():
+        atomic_write_text(eval_file, json.dumps(evaluate(out / "stage3", t, docs=docs, max_tokens=eval_tokens,
+                                                         device=device), indent=1))
+    result["eval"] = json.loads(eval_file.read_text())
+    return result

@@ -1,0 +1,177 @@
+"""The three MOHAWK stages (reference §4): what each one trains and how it computes its loss on one batch.
+
+Every stage reads the teacher through its own forward (hooks, teacher.py); the training loop shared by all three
+lives in run.py. A `StageSpec` holds every setting of one stage and is stored beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss
+from distill.teacher import AttentionMaps, teacher_residuals
+
+# Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B.
+DEFAULT_LR = {1: 1e-4, 2: 1e-4, 3: 5e-5}
+TOKEN_SHARE = {1: 0.3 / 8.0, 2: 2.7 / 8.0, 3: 5.0 / 8.0}
+# Stage 1 compares l x l maps per head: short sequences keep it cheap.
+DEFAULT_SEQ_LEN = {1: 64, 2: 256, 3: 256}
+DEFAULT_BATCH = {1: 4, 2: 4, 3: 4}
+
+
+@dataclasses.dataclass
+class StageSpec:
+    stage: int
+    tokens: int  # token budget of this stage
+    seq_len: int = 256
+    batch_size: int = 4  # sequences per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: float = 0.1  # WSD fractions
+    decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | bf16 | fp32
+    temperature: float = 1.0  # stage 3
+    hard_weight: float = 0.0  # stage 3
+    freeze_mlp: bool = False  # stage 3
+    mixer_only: bool = False  # stage 2
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, -(-self.tokens // self.tokens_per_step))
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> StageSpec:
+        d = dict(d)
+        d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
+    fields = dict(stage=stage, tokens=tokens, seq_len=DEFAULT_SEQ_LEN[stage], batch_size=DEFAULT_BATCH[stage],
+                  lr=DEFAULT_LR[stage])
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return StageSpec(**fields)
+
+
+def split_budget(total_tokens: int) -> dict[int, int]:
+    """A total token budget split over the stages in the Llamba-1B proportions (3.75% / 33.75% / 62.5%)."""
+    return {k: max(1, int(total_tokens * share)) for k, share in TOKEN_SHARE.items()}
+
+
+def autocast_context(spec: StageSpec, device: torch.device):
+    use_bf16 = spec.precision == "bf16" or (
+        spec.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainable parameters
+# --------------------------------------------------------------------------------------------------
+def trainable_parameters(student: nn.Module, spec: StageSpec) -> list[tuple[str, nn.Parameter]]:
+    """Stage 1: mixers + their input norms. Stage 2: whole blocks (mixer + input norm with --mixer-only).
+    Stage 3: everything; MLPs frozen with --freeze-mlp (MOHAWK/Phi-Mamba), trained by default (Llamba)."""
+    def wanted(name: str) -> bool:
+        in_block = name.startswith("backbone.layers.")
+        if spec.stage == 1 or (spec.stage == 2 and spec.mixer_only):
+            return in_block and (".mixer." in name or ".input_layernorm." in name)
+        if spec.stage == 2:
+            return in_block
+        return not (spec.freeze_mlp and ".mlp." in name)
+
+    student.requires_grad_(False)
+    chosen = []
+    for name, p in student.named_parameters():  # tied lm_head/embedding appear once
+        if wanted(name):
+            p.requires_grad_(True)
+            chosen.append((name, p))
+    return chosen
+
+
+def make_optimizer(named: list[tuple[str, nn.Parameter]], spec: StageSpec) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases, D, z_bias, conv taps)."""
+    decay = [p for n, p in named if p.ndim >= 2 and "conv1d" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "conv1d" not in n)]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=spec.betas, eps=1e-8)
+
+
+# --------------------------------------------------------------------------------------------------
+# One micro-batch of each stage: forward, backward (scaled for accumulation), losses for the log
+# --------------------------------------------------------------------------------------------------
+LossStep = Callable[[torch.Tensor, float], tuple[float, list[float] | None]]
+
+
+def stage1_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
+    """Matrix orientation. Per layer: teacher attention maps of that layer only (eager, recomputed from the
+    teacher's residual stream), student mixing matrix on the same input, backward at once (frees the maps)."""
+    def step(ids: torch.Tensor, scale: float):  # ids: (b, l)
+        resid = teacher_residuals(teacher, ids)["resid"]
+        maps = AttentionMaps(teacher, ids)
+        per_layer = []
+        try:
+            for i, block in enumerate(student.backbone.layers):
+                attn = maps(i, resid[i])  # (b, heads, l, l)
+                with autocast_context(spec, device):
+                    _, _, matrix = block(resid[i], run_mlp=False, return_matrix=True)
+                loss = matrix_orientation_loss(matrix, attn)
+                (loss * scale).backward()
+                per_layer.append(loss.item())
+                del attn, matrix, loss
+        finally:
+            maps.close()
+        return sum(per_layer) / len(per_layer), per_layer
+    return step
+
+
+def stage2_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
+    """Hidden-state alignment. One teacher forward feeds every layer; layer i maps teacher hidden_states[i] to a
+    prediction of hidden_states[i+1] (or, with mixer_only, of the attention output)."""
+    def step(ids: torch.Tensor, scale: float):
+        out = teacher_residuals(teacher, ids, with_attn_out=spec.mixer_only)
+        per_layer = []
+        for i, block in enumerate(student.backbone.layers):
+            with autocast_context(spec, device):
+                pred, _, _ = block(out["resid"][i], run_mlp=not spec.mixer_only)
+            target = out["attn_out"][i] if spec.mixer_only else out["resid"][i + 1]
+            loss = hidden_alignment_loss(pred, target)
+            (loss * scale).backward()
+            per_layer.append(loss.item())
+        return sum(per_layer) / len(per_layer), per_layer
+    return step
+
+
+def stage3_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
+    """End-to-end knowledge distillation: soft CE against the teacher's distribution at temperature T."""
+    def step(ids: torch.Tensor, scale: float):
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+        with autocast_context(spec, device):
+            s_logits = student(ids).logits
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        loss = kd_loss(s_logits, t_logits, spec.temperature, labels=labels, hard_weight=spec.hard_weight)
+        (loss * scale).backward()
+        return loss.item(), None
+    return step
+
+
+STAGE_STEPS = {1: stage1_step, 2: stage2_step, 3: stage3_step}

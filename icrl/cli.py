@@ -1,0 +1,180 @@
+"""`llamba icrl generate|train|eval|run`: thin shells over histories / train / evaluate / runner."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+import numpy as np
+
+ENVS = ("darkroom", "keytodoor")
+
+
+def _load(env: str, config: str | None):
+    from icrl.config import load_config
+
+    try:
+        return load_config(env, config)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise click.ClickException(f"bad config: {e}") from None
+
+
+@contextmanager
+def _bar(description: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as p:
+        task = p.add_task(description, total=total)
+        yield lambda k=1: p.advance(task, k)
+
+
+env_option = click.option("--env", type=click.Choice(ENVS), required=True, help="Environment family.")
+config_option = click.option(
+    "--config",
+    default=None,
+    help="JSON config file or a shipped name (darkroom, keytodoor, tiny); default: the env's.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def icrl() -> None:
+    """In-context RL lab: Q-learning histories, Algorithm Distillation with n-gram layers, evaluation, grids."""
+
+
+@icrl.command()
+@env_option
+@config_option
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output .npz file.")
+def generate(env: str, config: str | None, out: str) -> None:
+    """Generate Q-learning histories on the training tasks."""
+    from icrl.histories import generate as gen
+
+    cfg = _load(env, config)
+    with _bar("Q-learning episodes", cfg.data.episodes_per_history) as advance:
+        h, info = gen(cfg.spec, cfg.data, progress=advance)
+    h.save(out)
+    click.echo(f"{info['transitions']:,} transitions in {info['histories']} histories -> {out}")
+    click.echo(
+        f"return / optimal: first 10% of episodes {info['first']:.3f}, last 10% {info['last']:.3f}"
+        + ("" if info["improves"] else "  (WARNING: histories do not improve)")
+    )
+
+
+@icrl.command("train")
+@env_option
+@config_option
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), required=True, help="Histories .npz.")
+@click.option("--method", default="ngram", show_default=True, help="A method name from the config's grid.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory.")
+def train_cmd(env: str, config: str | None, data_path: str, method: str, out: str) -> None:
+    """Train one AD model (plain or n-gram) on saved histories."""
+    import torch
+
+    from icrl.train import train
+
+    cfg = _load(env, config)
+    if method not in cfg.grid.methods:
+        raise click.ClickException(
+            f"unknown method {method!r}; the config defines {sorted(cfg.grid.methods)}"
+        )
+    h = _load_histories(data_path, env)
+    try:
+        model_cfg = cfg.model_config(**cfg.grid.methods[method])
+    except ValueError as e:
+        raise click.ClickException(f"bad config: {e}") from None
+    with _bar(f"training {method}", cfg.train.steps) as advance:
+        try:
+            model, losses = train(h, model_cfg, cfg.train, progress=advance)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save(model.checkpoint(), Path(out) / "model.pt")
+    (Path(out) / "losses.json").write_text(json.dumps(losses))
+    click.echo(
+        f"{model.num_params():,} parameters, {h.total_transitions:,} training transitions, "
+        f"final loss {np.mean(losses[-20:]):.3f} -> {out}/model.pt"
+    )
+
+
+@icrl.command("eval")
+@env_option
+@config_option
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="model.pt from `train`.")
+@click.option("--train-tasks", is_flag=True, help="Evaluate on the training tasks instead of held-out ones.")
+def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -> None:
+    """In-context evaluation: return per episode index on held-out tasks, greedy and sampled actions."""
+    from dataclasses import replace
+
+    import torch
+
+    from icrl.evaluate import in_context_returns, score
+    from icrl.model import ADTransformer
+
+    cfg = _load(env, config)
+    if not Path(checkpoint).exists():
+        raise click.ClickException(f"checkpoint {checkpoint} not found; train one with `llamba icrl train`")
+    try:
+        model = ADTransformer.from_checkpoint(torch.load(checkpoint, weights_only=False))
+    except Exception as e:  # any unreadable / foreign file
+        raise click.ClickException(f"{checkpoint} is not an icrl checkpoint ({type(e).__name__})") from None
+    if model.cfg.num_states != cfg.spec.num_states:
+        raise click.ClickException(
+            f"checkpoint was trained for {model.cfg.num_states} states, --env {env} has {cfg.spec.num_states}; "
+            "pass the matching --env/--config"
+        )
+    train, test = cfg.spec.split(cfg.data.n_train_tasks, cfg.data.n_test_tasks, seed=cfg.data.split_seed)
+    tasks = train if train_tasks else test
+    optimal = cfg.spec.optimal_return(tasks)
+    for greedy in (True, False):
+        returns = in_context_returns(model, cfg.spec, tasks, replace(cfg.eval, greedy=greedy))
+        curve = (returns / optimal[:, None]).mean(0)
+        click.echo(
+            f"{'greedy ' if greedy else 'sampled'} return / optimal per episode: "
+            + " ".join(f"{v:.2f}" for v in curve)
+        )
+        click.echo(
+            f"        score (last {cfg.eval.last_k} episodes, {len(tasks)} tasks): "
+            f"{score(returns, optimal, cfg.eval.last_k):.3f}"
+        )
+
+
+@icrl.command()
+@env_option
+@config_option
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory.")
+def run(env: str, config: str | None, out: str) -> None:
+    """Run the config's experiment grid; writes results.csv/.md, summary.json and PNG plots."""
+    from icrl.runner import run_grid
+
+    cfg = _load(env, config)
+    g = cfg.grid
+    total = len(g.budgets) * len(g.methods) * g.draws * cfg.train.steps
+    with _bar("grid (train steps)", total) as advance:
+        try:
+            summary = run_grid(cfg, out, progress=advance, log=click.echo)
+        except ValueError as e:
+            raise click.ClickException(f"bad config: {e}") from None
+    click.echo((Path(out) / "results.md").read_text())
+    click.echo(f"plots and tables in {out}/ ({', '.join(sorted(summary['transitions_to_threshold']))})")
+
+
+def _load_histories(path: str, env: str):
+    from icrl.histories import Histories
+
+    if not Path(path).exists():
+        raise click.ClickException(f"data file {path} not found; create it with `llamba icrl generate`")
+    try:
+        h = Histories.load(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise click.ClickException(f"{path} is not a histories file ({e})") from None
+    if h.env != env:
+        raise click.ClickException(f"{path} holds {h.env} histories, not {env}; pass --env {h.env}")
+    return h

@@ -1,0 +1,81 @@
+"""In-context evaluation on held-out tasks and Expected Maximum Performance.
+
+The model acts with frozen weights in one batched env per task set; its context is a FIFO window of the last
+``seq_len`` transitions, carried across episode boundaries (the env resets every episode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from envs import EnvSpec
+from icrl.model import ADTransformer
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 20  # episodes played in context per task
+    last_k: int = 3  # score = mean normalised return of the last k episodes
+    greedy: bool = True  # argmax actions; False samples from the policy
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.episodes < 1 or not 1 <= self.last_k <= self.episodes:
+            raise ValueError("eval.episodes must be >= 1 and eval.last_k in [1, eval.episodes]")
+
+
+@torch.no_grad()
+def in_context_returns(model: ADTransformer, spec: EnvSpec, tasks: np.ndarray, cfg: EvalConfig) -> np.ndarray:
+    """tasks: (b,) or (b, 2) -> returns (b, episodes)."""
+    c = model.cfg
+    model.eval()
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    env = spec.batched(tasks)
+    b = env.b
+    # running context per task; ragged only while it fills up, so forward passes group equal lengths
+    ctx = [[] for _ in range(b)]  # list of (s_t, a_{t-1}, r_{t-1})
+    prev_a, prev_r = np.full(b, c.num_actions), np.full(b, c.num_rewards)
+    returns = np.zeros((b, cfg.episodes))
+    for e in range(cfg.episodes):
+        obs = env.reset(rng)
+        while not env.done.all():
+            active = np.flatnonzero(~env.done)
+            for i in active:
+                ctx[i].append((obs[i], prev_a[i], prev_r[i]))
+                del ctx[i][: -c.seq_len]
+            actions = np.zeros(b, np.int64)
+            lengths = np.array([len(ctx[i]) for i in active])
+            for length in np.unique(lengths):
+                group = active[lengths == length]
+                seq = torch.tensor(np.array([ctx[i] for i in group]), dtype=torch.long)  # (g, l, 3)
+                logits = model(seq[..., 0], seq[..., 1], seq[..., 2])[:, -1]  # (g, A)
+                if cfg.greedy:
+                    act = logits.argmax(-1)
+                else:
+                    act = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+                actions[group] = act.numpy()
+            obs, rew, _, _ = env.step(actions)
+            prev_a = np.where(~np.isin(np.arange(b), active), prev_a, actions)
+            prev_r = np.where(~np.isin(np.arange(b), active), prev_r, rew.astype(np.int64))
+            returns[:, e] += rew
+    return returns
+
+
+def score(returns: np.ndarray, optimal: np.ndarray, last_k: int) -> float:
+    """returns: (b, E), optimal: (b,) -> mean over tasks of the normalised return of the last k episodes."""
+    return float((returns[:, -last_k:] / optimal[:, None]).mean())
+
+
+def expected_max_performance(scores) -> np.ndarray:
+    """Dodge et al. 2019: scores of N random hyperparameter assignments -> (N,) curve, entry n-1 is
+    E[max of n draws] = sum_i v_(i) [(i/N)^n - ((i-1)/N)^n] over the sorted scores."""
+    v = np.sort(np.asarray(scores, dtype=np.float64))
+    big_n = len(v)
+    if big_n == 0:
+        raise ValueError("expected_max_performance needs at least one score")
+    i = np.arange(1, big_n + 1)
+    return np.array([(v * ((i / big_n) ** n - ((i - 1) / big_n) ** n)).sum() for n in range(1, big_n + 1)])

@@ -1,0 +1,191 @@
+"""Learning histories: batched tabular Q-learning per task, stored flat with per-episode returns.
+
+A dataset holds ``H`` histories (``tasks_per_history`` tells which task each one learns). History ``h`` is the
+slice ``offsets[h]:offsets[h+1]`` of the flat ``states, actions, rewards`` arrays: one entry per env step
+(state before the step, action, reward), episodes back to back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envs import EnvSpec
+from envs.grid import toward
+
+
+@dataclass
+class DataConfig:
+    n_train_tasks: int = 64  # training tasks (goals / key-door pairs)
+    n_test_tasks: int = 16  # held-out tasks for evaluation
+    histories_per_task: int = 4  # independent Q-learning runs per task
+    episodes_per_history: int = 60  # episodes each Q-learner plays
+    subsample: int = 1  # keep every k-th episode of each history (AD ablation)
+    lr: float = 0.5  # Q-learning step size
+    gamma: float = 0.9
+    q_init: float = 1.0  # Q ~ U(0, q_init): mild optimism drives exploration
+    eps_decay_frac: float = 0.9  # epsilon falls linearly 1 -> 0 over this fraction of the episodes
+    split_seed: int = 0  # seed of the train/test task split
+    seed: int = 0  # seed of the Q-learners and env starts
+    # "qlearning": the issue's source; "noisy_oracle": ADε-style shortest-path agent with the same epsilon
+    # schedule (acts on the true task, a cleaner learning signal; used only as a labelled supplement)
+    source: str = "qlearning"
+
+    def __post_init__(self):
+        for name in ("n_train_tasks", "histories_per_task", "episodes_per_history", "subsample"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_test_tasks < 0:
+            raise ValueError("data.n_test_tasks must be >= 0")
+        if self.source not in ("qlearning", "noisy_oracle"):
+            raise ValueError(f"data.source must be 'qlearning' or 'noisy_oracle', got {self.source!r}")
+        if not (0 < self.lr <= 1 and 0 <= self.gamma < 1 and 0 < self.eps_decay_frac <= 1):
+            raise ValueError("data.lr must be in (0, 1], data.gamma in [0, 1), data.eps_decay_frac in (0, 1]")
+
+
+@dataclass
+class Histories:
+    states: np.ndarray  # (N,) int16
+    actions: np.ndarray  # (N,) int8
+    rewards: np.ndarray  # (N,) int8
+    offsets: np.ndarray  # (H + 1,) start of each history in the flat arrays
+    returns: np.ndarray  # (H, E) return of every kept episode
+    tasks: np.ndarray  # (H,) or (H, 2) task of each history
+    env: str
+    env_kwargs: dict
+
+    @property
+    def total_transitions(self) -> int:
+        return int(len(self.states))
+
+    @property
+    def num_histories(self) -> int:
+        return len(self.offsets) - 1
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"env": self.env, "env_kwargs": self.env_kwargs})
+        np.savez_compressed(
+            path,
+            states=self.states,
+            actions=self.actions,
+            rewards=self.rewards,
+            offsets=self.offsets,
+            returns=self.returns,
+            tasks=self.tasks,
+            meta=np.array(meta),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Histories:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(
+                z["states"],
+                z["actions"],
+                z["rewards"],
+                z["offsets"],
+                z["returns"],
+                z["tasks"],
+                meta["env"],
+                meta["env_kwargs"],
+            )
+
+
+def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, progress=None) -> Histories:
+    """Run ``len(tasks) * cfg.histories_per_task`` epsilon-greedy Q-learners side by side in one batched env.
+    tasks: (n,) or (n, 2). ``progress(k)`` is called after each episode.
+
+    In Key-to-Door the cell alone is not Markov (has the key been picked up?), so the learner indexes its table
+    by (cell, rewards seen so far this episode, capped at 1): a fact of its own history, not privileged state."""
+    rng = np.random.default_rng(cfg.seed)
+    tasks = np.repeat(np.asarray(tasks), cfg.histories_per_task, axis=0)  # (b,) or (b, 2)
+    b, s_n, a_n, T, E = len(tasks), spec.num_states, spec.num_actions, spec.horizon, cfg.episodes_per_history
+    env = spec.batched(tasks)
+    levels = 2 if spec.name == "keytodoor" else 1
+    q = rng.uniform(0, cfg.q_init, size=(b, s_n * levels, a_n))
+    idx = np.arange(b)
+    buf_s = np.zeros((b, E * T), np.int16)
+    buf_a = np.zeros((b, E * T), np.int8)
+    buf_r = np.zeros((b, E * T), np.int8)
+    lengths = np.zeros((b, E), np.int64)
+    returns = np.zeros((b, E))
+    fill = np.zeros(b, np.int64)
+    for e in range(E):
+        eps = max(0.0, 1.0 - e / max(1.0, cfg.eps_decay_frac * E))
+        obs = env.reset(rng)
+        mem = np.zeros(b, np.int64)  # rewards seen this episode, capped at levels - 1
+        for _ in range(T):
+            active = ~env.done
+            if not active.any():
+                break
+            qs = obs + s_n * mem
+            greedy = (
+                q[idx, qs].argmax(-1) if cfg.source == "qlearning" else oracle_action(spec, tasks, obs, mem)
+            )
+            explore = rng.random(b) < eps
+            act = np.where(explore, rng.integers(0, a_n, size=b), greedy)
+            nxt, rew, term, _ = env.step(act)
+            mem = np.minimum(mem + (rew > 0), levels - 1)
+            target = rew + cfg.gamma * (~term) * q[idx, nxt + s_n * mem].max(-1)
+            q[idx, qs, act] += active * cfg.lr * (target - q[idx, qs, act])
+            rows = idx[active]
+            buf_s[rows, fill[rows]], buf_a[rows, fill[rows]], buf_r[rows, fill[rows]] = (
+                obs[rows],
+                act[rows],
+                rew[rows],
+            )
+            fill += active
+            lengths[:, e] += active
+            returns[:, e] += rew
+            obs = nxt
+        if progress is not None:
+            progress(1)
+    keep = np.zeros(E, bool)
+    keep[:: cfg.subsample] = True
+    parts_s, parts_a, parts_r, offsets = [], [], [], [0]
+    for h in range(b):
+        ends = np.cumsum(lengths[h])
+        mask = np.repeat(keep, lengths[h])  # which flat steps belong to kept episodes
+        n = ends[-1]
+        parts_s.append(buf_s[h, :n][mask])
+        parts_a.append(buf_a[h, :n][mask])
+        parts_r.append(buf_r[h, :n][mask])
+        offsets.append(offsets[-1] + int(mask.sum()))
+    return Histories(
+        np.concatenate(parts_s),
+        np.concatenate(parts_a),
+        np.concatenate(parts_r),
+        np.asarray(offsets, np.int64),
+        returns[:, keep],
+        tasks,
+        spec.name,
+        dict(spec.kwargs),
+    )
+
+
+def oracle_action(spec: EnvSpec, tasks: np.ndarray, obs: np.ndarray, mem: np.ndarray) -> np.ndarray:
+    """Shortest-path action toward the goal, or toward the key and then the door (mem = key collected)."""
+    if spec.name == "darkroom":
+        return toward(obs, tasks, spec.size)
+    return toward(obs, np.where(mem > 0, tasks[:, 1], tasks[:, 0]), spec.size)
+
+
+def improvement(h: Histories, frac: float = 0.1) -> dict:
+    """Mean return of the first vs the last ``frac`` of episodes, normalised by the optimal return."""
+    spec = EnvSpec(h.env, h.env_kwargs)
+    opt = spec.optimal_return(h.tasks)[:, None]
+    k = max(1, int(round(frac * h.returns.shape[1])))
+    first, last = (h.returns[:, :k] / opt).mean(), (h.returns[:, -k:] / opt).mean()
+    return {"first": float(first), "last": float(last), "improves": bool(last > first)}
+
+
+def generate(spec: EnvSpec, cfg: DataConfig, progress=None) -> tuple[Histories, dict]:
+    """Histories on the seeded training split; returns them and a summary (transitions, improvement)."""
+    train, _ = spec.split(cfg.n_train_tasks, cfg.n_test_tasks, seed=cfg.split_seed)
+    h = q_learning_histories(spec, train, cfg, progress)
+    return h, {"transitions": h.total_transitions, "histories": h.num_histories, **improvement(h)}

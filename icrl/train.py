@@ -1,0 +1,110 @@
+"""Training: random context windows from learning histories, cross-entropy on every action, AdamW,
+linear warmup + cosine decay, a fixed step budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from icrl.histories import Histories
+from icrl.model import ADConfig, ADTransformer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    threads: int = 1  # torch CPU threads (the lab models are tiny; 1 thread is near optimal)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("train.steps and train.batch_size must be >= 1")
+        if not (self.lr > 0 and 0 <= self.warmup_frac < 1 and 0 <= self.label_smoothing < 1):
+            raise ValueError("train.lr must be > 0, train.warmup_frac and train.label_smoothing in [0, 1)")
+
+
+class WindowSampler:
+    """Random windows of ``seq_len`` consecutive transitions inside one history.
+    Token t of a window carries s_t, a_{t-1}, r_{t-1} (pads at a history start) and the target a_t."""
+
+    def __init__(self, h: Histories, seq_len: int, num_actions: int, num_rewards: int, seed: int = 0):
+        n = h.total_transitions
+        self.states = torch.from_numpy(h.states.astype(np.int64))
+        self.actions = torch.from_numpy(h.actions.astype(np.int64))
+        prev_a = np.concatenate([[num_actions], h.actions[:-1]]).astype(np.int64)
+        prev_r = np.concatenate([[num_rewards], h.rewards[:-1]]).astype(np.int64)
+        starts = h.offsets[:-1]
+        prev_a[starts], prev_r[starts] = num_actions, num_rewards
+        self.prev_a, self.prev_r = torch.from_numpy(prev_a), torch.from_numpy(prev_r)
+        lengths = np.diff(h.offsets)
+        if lengths.min() < seq_len:
+            raise ValueError(
+                f"a history has {lengths.min()} transitions, fewer than seq_len={seq_len}; "
+                "use more episodes per history or a shorter context"
+            )
+        # every valid window start, drawn uniformly
+        self.valid = np.concatenate(
+            [np.arange(o, o + m - seq_len + 1) for o, m in zip(starts, lengths, strict=True)]
+        )
+        self.seq_len, self.rng, self.n = seq_len, np.random.default_rng(seed), n
+
+    def sample(self, batch: int):
+        """-> states, prev_actions, prev_rewards, targets: each (batch, seq_len)."""
+        idx = torch.from_numpy(self.rng.choice(self.valid, size=batch)[:, None] + np.arange(self.seq_len))
+        return self.states[idx], self.prev_a[idx], self.prev_r[idx], self.actions[idx]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup_frac * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    h: Histories, model_cfg: ADConfig, cfg: TrainConfig, progress=None
+) -> tuple[ADTransformer, list[float]]:
+    """Train a fresh model on histories h for cfg.steps steps; returns the model and the loss per step.
+    ``progress(k)`` is called every step."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    model = ADTransformer(model_cfg)
+    sampler = WindowSampler(h, model_cfg.seq_len, model_cfg.num_actions, model_cfg.num_rewards, seed=cfg.seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+    )
+    losses = []
+    model.train()
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        s, pa, pr, target = sampler.sample(cfg.batch_size)
+        logits = model(s, pa, pr)  # (b, l, A)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(1)
+    model.eval()
+    return model, losses

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+from distill.data import build_token_data
+from distill.evaluate import evaluate_tokens
+from distill.init import build_student
+from distill.run import Interrupted, Teacher, train_stage
+from distill.stages import default_spec
+from distill.testing import tiny_corpus, tiny_teacher, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)  # tiny models gain nothing from threads; shared CPUs lose a lot
+    teacher = Teacher(tiny_teacher(), tiny_tokenizer(), "tiny")
+    return teacher, tiny_corpus()
+
+
+def _run(setup, tmp_path, stage, steps, student=None, **kw):
+    teacher, docs = setup
+    spec = default_spec(stage, tokens=steps * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, **kw)
+    data = build_token_data(docs, teacher.tokenizer, spec.seq_len)
+    student = student if student is not None else build_student(teacher.model, seed=0)
+    summary = train_stage(spec, student, teacher, data, tmp_path, torch.device("cpu"), progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return student, summary, metrics
+
+
+def _first_last(metrics, k=3):
+    losses = [m["loss"] for m in metrics]
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+@pytest.mark.parametrize("stage,kw", [(1, {}), (2, {}), (2, {"mixer_only": True})])
+def test_stage_reduces_its_loss(setup, tmp_path, stage, kw):
+    student, summary, metrics = _run(setup, tmp_path, stage, steps=24, **kw)
+    first, last = _first_last(metrics)
+    assert last < 0.9 * first, (first, last)
+    assert summary["steps"] == 24 and len(metrics) == 24
+    assert (tmp_path / "DONE.json").is_file() and (tmp_path / "loss.png").is_file()
+    assert not (tmp_path / "resume.pt").exists()
+    if stage in (1, 2):
+        assert len(metrics[-1]["per_layer"]) == 2
+
+
+@pytest.mark.parametrize("kw", [{}, {"freeze_mlp": True}])
+def test_stage3_reduces_kl_to_the_teacher(setup, tmp_path, kw):
+    """The KD loss is KL + the teacher's entropy; the KL on held-out rows is what must go down."""
+    teacher, docs = setup
+    held = build_token_data(docs, teacher.tokenizer, 32).heldout[:8]
+    student = build_student(teacher.model, seed=0)
+    kl_before = evaluate_tokens(student, teacher.model, held, per_layer=False)["kl"]
+    _, _, metrics = _run(setup, tmp_path, 3, steps=24, student=student, **kw)
+    kl_after = evaluate_tokens(student, teacher.model, held, per_layer=False)["kl"]
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    first, last = _first_last(metrics)
+    assert last < first
+
+
+def test_stage1_trains_only_mixers_and_input_norms(setup, tmp_path):
+    teacher, _ = setup
+    before = build_student(teacher.model, seed=0)
+    after, _, _ = _run(setup, tmp_path, 1, steps=2, student=build_student(teacher.model, seed=0))
+    for (name, p0), p1 in zip(before.named_parameters(), after.parameters(), strict=True):
+        if not torch.equal(p0, p1):
+            assert ".mixer." in name or ".input_layernorm." in name, name
+    assert not torch.equal(before.backbone.layers[0].mixer.in_proj.weight, after.backbone.layers[0].mixer.in_proj.weight)
+
+
+def test_freeze_mlp_keeps_mlps(setup, tmp_path):
+    teacher, _ = setup
+    student, _, _ = _run(setup, tmp_path, 3, steps=2, freeze_mlp=True)
+    for t_layer, s_layer in zip(teacher.model.model.layers, student.backbone.layers, strict=True):
+        assert torch.equal(t_layer.mlp.up_proj.weight, s_layer.mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_and_resumed_equals_uninterrupted(setup, tmp_path, stage):
+    teacher, docs = setup
+    spec = default_spec(stage, tokens=6 * 2 * 32, seq_len=32, batch_size=2, lr=3e-3, seed=3)
+    data = build_token_data(docs, teacher.tokenizer, spec.seq_len)
+    cpu = torch.device("cpu")
+
+    full = build_student(teacher.model, seed=0)
+    train_stage(spec, full, teacher, data, tmp_path / "a", cpu, progress=False)
+
+    part = build_student(teacher.model, seed=0)
+    with pytest.raises(Interrupted):
+        train_stage(spec, part, teacher, data, tmp_path / "b", cpu, progress=False, ckpt_every_s=1e9, stop_after=4)
+    assert (tmp_path / "b" / "resume.pt").is_file() and not (tmp_path / "b" / "DONE.json").exists()
+    # a kill after the checkpoint may leave log lines that the checkpoint does not cover: they must go
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "tokens": 0, "loss": 123.0}) + "\n")
+    resumed = build_student(teacher.model, seed=99)  # the weights come from resume.pt, not from here
+    train_stage(spec, resumed, teacher, data, tmp_path / "b", cpu, progress=False)
+
+    for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+    assert [r["step"] for r in rows[1]] == list(range(1, 7))
+
+
+def test_resume_with_changed_settings_is_refused(setup, tmp_path):
+    teacher, docs = setup
+    spec = default_spec(2, tokens=4 * 2 * 32, seq_len=32, batch_size=2)
+    data = build_token_data(docs, teacher.tokenizer, 32)
+    with pytest.raises(Interrupted):
+        train_stage(spec, build_student(teacher.model), teacher, data, tmp_path, torch.device("cpu"), progress=False,
+                    stop_after=1)
+    spec.lr = 1.0
+    with pytest.raises(ValueError, match="different `lr`"):
+        train_stage(spec, build_student(teacher.model), teacher, data, tmp_path, torch.device("cpu"), progress=False)

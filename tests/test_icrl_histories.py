@@ -1,0 +1,121 @@
+"""Q-learning histories: layout, improvement, subsampling, save/load, window sampler alignment."""
+
+import numpy as np
+import pytest
+
+from envs import EnvSpec
+from icrl.histories import DataConfig, Histories, generate, improvement
+from icrl.train import WindowSampler
+
+
+@pytest.mark.parametrize("env", ["darkroom", "keytodoor"])
+def test_histories_improve(env):
+    spec = EnvSpec(env)
+    h, info = generate(
+        spec,
+        DataConfig(
+            n_train_tasks=16, histories_per_task=4, episodes_per_history=60, lr=0.9, gamma=0.9, seed=0
+        ),
+    )
+    assert info["improves"] and info["last"] > info["first"] + 0.4, info
+    assert h.num_histories == 64 and h.returns.shape == (64, 60)
+    assert h.total_transitions == info["transitions"] == h.offsets[-1]
+    if env == "darkroom":  # no termination: every episode is 20 steps
+        assert h.total_transitions == 64 * 60 * 20
+
+
+def test_history_layout_replays_in_the_env():
+    """Every stored (s, a, r) is what the gym env produces; returns per episode add up."""
+    spec = EnvSpec("keytodoor")
+    h, _ = generate(
+        spec,
+        DataConfig(n_train_tasks=2, n_test_tasks=2, histories_per_task=2, episodes_per_history=6, seed=3),
+    )
+    for i in range(h.num_histories):
+        s, a, r = (x[h.offsets[i] : h.offsets[i + 1]] for x in (h.states, h.actions, h.rewards))
+        env = spec.make(h.tasks[i])
+        t, ep = 0, 0
+        while t < len(s):
+            env.reset(options={"start": int(s[t])})
+            total = 0.0
+            while True:
+                obs, rew, term, trunc, _ = env.step(int(a[t]))
+                assert rew == r[t]
+                total += rew
+                t += 1
+                if term or trunc:
+                    break
+                assert obs == s[t]
+            assert total == h.returns[i, ep]
+            ep += 1
+        assert ep == 6
+
+
+def test_subsample_and_save_load(tmp_path):
+    spec = EnvSpec("darkroom")
+    cfg = DataConfig(n_train_tasks=3, histories_per_task=2, episodes_per_history=10, seed=1)
+    full, _ = generate(spec, cfg)
+    sub, info = generate(spec, DataConfig(**{**cfg.__dict__, "subsample": 3}))
+    assert sub.returns.shape == (6, 4)  # episodes 0, 3, 6, 9
+    np.testing.assert_array_equal(sub.returns, full.returns[:, ::3])
+    assert info["transitions"] == 6 * 4 * 20
+    np.testing.assert_array_equal(sub.states[:20], full.states[:20])
+    np.testing.assert_array_equal(sub.states[20:40], full.states[60:80])
+    sub.save(tmp_path / "h.npz")
+    back = Histories.load(tmp_path / "h.npz")
+    np.testing.assert_array_equal(back.actions, sub.actions)
+    assert back.env == "darkroom" and back.total_transitions == sub.total_transitions
+    assert improvement(back) == improvement(sub)
+
+
+def test_window_sampler_tokens():
+    spec = EnvSpec("darkroom")
+    h, _ = generate(spec, DataConfig(n_train_tasks=2, histories_per_task=1, episodes_per_history=3, seed=0))
+    ws = WindowSampler(h, 20, num_actions=5, num_rewards=2, seed=0)
+    for _ in range(20):
+        s, pa, pr, tgt = ws.sample(4)
+        for i in range(4):  # locate the window in the flat arrays
+            start = int(
+                ws.valid[
+                    np.flatnonzero(
+                        [
+                            np.array_equal(h.states[v : v + 20], s[i].numpy())
+                            and np.array_equal(h.actions[v : v + 20], tgt[i].numpy())
+                            for v in ws.valid
+                        ]
+                    )[0]
+                ]
+            )
+            for t in range(20):
+                g = start + t
+                if g in h.offsets[:-1]:
+                    assert (pa[i, t], pr[i, t]) == (5, 2)  # pads at a history start
+                else:
+                    assert (pa[i, t], pr[i, t]) == (h.actions[g - 1], h.rewards[g - 1])
+    with pytest.raises(ValueError):
+        WindowSampler(h, 61, 5, 2)
+
+
+def test_bad_data_config():
+    with pytest.raises(ValueError):
+        DataConfig(histories_per_task=0)
+    with pytest.raises(ValueError):
+        DataConfig(gamma=1.0)
+
+
+def test_toward_is_a_shortest_path_step():
+    from envs.grid import manhattan, move, toward
+
+    cells, targets = np.repeat(np.arange(81), 81), np.tile(np.arange(81), 81)
+    acts = toward(cells, targets, 9)
+    d0, d1 = manhattan(cells, targets, 9), manhattan(move(cells, acts, 9), targets, 9)
+    assert ((d1 == d0 - 1) | ((d0 == 0) & (acts == 0))).all()
+
+
+@pytest.mark.parametrize("env", ["darkroom", "keytodoor"])
+def test_noisy_oracle_source_reaches_optimal(env):
+    spec = EnvSpec(env)
+    h, info = generate(spec, DataConfig(n_train_tasks=8, episodes_per_history=20, source="noisy_oracle"))
+    assert info["improves"] and info["last"] == pytest.approx(1.0)  # epsilon 0 for the last 10%: optimal
+    with pytest.raises(ValueError):
+        DataConfig(source="a3c")

@@ -1,0 +1,132 @@
+"""End-to-end: the tiny grid through the CLI, CLI error messages, hyperparameter draws."""
+
+import csv
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from icrl.cli import icrl
+from icrl.config import load_config
+from icrl.runner import draw_hparams
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    t0 = time.time()
+    res = CliRunner().invoke(icrl, ["run", "--env", "darkroom", "--config", "tiny", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert time.time() - t0 < 60
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 2 * 2 * 2  # budgets x methods x draws
+    assert {r["method"] for r in rows} == {"ad", "ngram"}
+    assert [int(r["transitions"]) for r in rows[:1]] == [2 * 2 * 8 * 20]
+    for r in rows:
+        assert 0.0 <= float(r["score"]) <= 1.0
+    # both methods got the same hyperparameter draws
+    by = {(r["method"], r["budget"], r["draw"]): r["hp.train.lr"] for r in rows}
+    assert all(by[("ad", b, d)] == by[("ngram", b, d)] for (_, b, d) in by)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["cells"]) == 4 and all(len(c["emp"]) == 2 for c in summary["cells"])
+    for name in ("results.md", "return_vs_episode.png", "return_vs_transitions.png", "emp.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_generate_train_eval_cli(tmp_path):
+    r = CliRunner()
+    data = tmp_path / "h.npz"
+    res = r.invoke(icrl, ["generate", "--env", "keytodoor", "--config", "tiny", "--out", str(data)])
+    assert res.exit_code == 0 and "transitions" in res.output, res.output
+    res = r.invoke(
+        icrl,
+        [
+            "train",
+            "--env",
+            "keytodoor",
+            "--config",
+            "tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = r.invoke(
+        icrl,
+        [
+            "eval",
+            "--env",
+            "keytodoor",
+            "--config",
+            "tiny",
+            "--checkpoint",
+            str(tmp_path / "m" / "model.pt"),
+        ],
+    )
+    assert res.exit_code == 0 and "greedy" in res.output and "sampled" in res.output, res.output
+    # wrong env for the data file: a one-line error, no traceback
+    res = r.invoke(
+        icrl,
+        [
+            "train",
+            "--env",
+            "darkroom",
+            "--config",
+            "tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "m2"),
+        ],
+    )
+    assert res.exit_code != 0 and "keytodoor histories" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--env", "maze", "--out", "x"], "Invalid value for '--env'"),
+        (["run", "--env", "darkroom", "--config", "nope.json", "--out", "x"], "not found"),
+        (["train", "--env", "darkroom", "--data", "missing.npz", "--out", "x"], "not found"),
+        (["eval", "--env", "darkroom", "--checkpoint", "missing.pt"], "not found"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    res = CliRunner().invoke(icrl, args)
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"data": {"n_train_tasks": 0}}, "n_train_tasks"),
+        ({"model": {"d_model": 30, "n_heads": 4}}, "divisible"),
+        ({"trian": {}}, "unknown section"),
+        ({"train": {"stpes": 3}}, "unknown key"),
+        ({"grid": {"search": {"lr": ["log", 1, 2]}}}, "grid.search"),
+        ({"env": {"size": 9, "walls": 1}}, "unknown darkroom option"),
+    ],
+)
+def test_bad_config_values(content, message, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    res = CliRunner().invoke(
+        icrl, ["run", "--env", "darkroom", "--config", str(path), "--out", str(tmp_path)]
+    )
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+    path.write_text("{not json")
+    res = CliRunner().invoke(
+        icrl, ["run", "--env", "darkroom", "--config", str(path), "--out", str(tmp_path)]
+    )
+    assert res.exit_code != 0 and "not valid JSON" in res.output
+
+
+def test_shipped_configs_load_and_draws_are_seeded():
+    for env in ("darkroom", "keytodoor"):
+        cfg = load_config(env)
+        assert cfg.model.seq_len == cfg.context_episodes * cfg.spec.horizon
+    search = {"train.lr": ["log", 1e-4, 1e-2], "model.ngram_orders": ["choice", [[1], [2], [3]]]}
+    a, b = draw_hparams(search, 0, 3), draw_hparams(search, 0, 3)
+    assert a == b and 1e-4 <= a["train.lr"] <= 1e-2 and a["model.ngram_orders"] in ([1], [2], [3])
+    assert draw_hparams(search, 0, 4) != a
