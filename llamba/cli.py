@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "chat": "export.cli:chat",
     "generate": "export.cli:generate",
     "icrl": "icrl.cli:icrl",
-    "demo": "llamba.demo:demo",
+    "demo": "llamba.cli:demo",
 }
 
 HELP = {
@@ -66,3 +66,60 @@ def main() -> None:
       llamba export mlx --model runs/smol/stage3 --out runs/smol/mlx --q-bits 8
       llamba chat --model runs/smol/mlx
     """
+
+
+@click.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run directory; re-running resumes and skips what is done.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None,
+              help="Total distillation budget in tokens (default: `llamba distill all`'s, sized for ~15 min on 2 CPU cores).")
+@click.option("--q-bits", type=click.Choice(["4", "8", "none"]), default="8", show_default=True,
+              help="Quantization of the MLX export.")
+@click.option("--prompt", default="What is the capital of France?", show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int) -> None:
+    """Distill the embedded SmolLM2-135M teacher, compare perplexities, export to MLX and answer one chat prompt.
+
+    Runs offline. Each step is resumable: an interrupted demo continues where it stopped."""
+    from pathlib import Path
+
+    from distill.cli import _one_line_errors, _quiet_hf
+
+    _quiet_hf()
+
+    @_one_line_errors
+    def run() -> None:
+        from distill.run import DEFAULT_TOTAL_TOKENS, distill_all
+        from export.chat import ChatSession, TextStream, open_engine, require_mlx
+        from export.convert import ExportError
+        from llamba.generate import SamplingParams
+
+        run_dir = Path(out)
+        click.secho("1/3 distill: init -> stage 1 -> stage 2 -> stage 3 (llamba distill all)", bold=True)
+        result = distill_all(out=run_dir, tokens=tokens or DEFAULT_TOTAL_TOKENS)
+        ev, init = result["eval"], result["init"]
+        click.echo(f"held-out perplexity on {ev['tokens']:,} tokens: teacher {ev['teacher_ppl']:.2f} | "
+                   f"student after init {init['student_ppl']:.2f} | student after distillation {ev['student_ppl']:.2f} "
+                   f"(ratio {ev['ppl_ratio']:.2f}, top-1 agreement {ev['top1_agreement']:.1%})")
+
+        backend, target = "mlx", run_dir / (f"mlx-q{q_bits}" if q_bits != "none" else "mlx")
+        click.secho(f"2/3 export: {run_dir / 'stage3'} -> {target} (llamba export mlx)", bold=True)
+        try:
+            require_mlx()
+            if not (target / "config.json").is_file():
+                from export.convert import convert
+
+                convert(run_dir / "stage3", target, q_bits=None if q_bits == "none" else int(q_bits))
+        except ExportError as e:  # no MLX here: chat with the PyTorch checkpoint instead
+            click.echo(f"   skipped ({e}); chatting with the PyTorch model")
+            backend, target = "torch", run_dir / "stage3"
+
+        click.secho(f"3/3 chat ({backend}): {prompt}", bold=True)
+        engine = open_engine(target, backend=backend)
+        session = ChatSession(engine, SamplingParams(max_new_tokens=max_tokens))
+        stream = TextStream(engine.tokenizer, session.params.stop_token_ids)
+        for tok in session.send(prompt):
+            click.echo(stream.push(tok), nl=False)
+        click.echo()
+
+    run()
