@@ -65,6 +65,20 @@ def in_context_returns(model: ADTransformer, spec: EnvSpec, tasks: np.ndarray, c
     return returns
 
 
+@torch.no_grad()
+def heldout_loss(model: ADTransformer, h, windows: int = 256, seed: int = 0) -> float:
+    """Mean action cross-entropy on seeded random windows of histories ``h`` (e.g. recorded on held-out tasks):
+    how well the model imitates the source learner on tasks it never saw."""
+    import torch.nn.functional as F
+
+    from icrl.train import WindowSampler
+
+    c = model.cfg
+    model.eval()
+    s, pa, pr, target = WindowSampler(h, c.seq_len, c.num_actions, c.num_rewards, seed=seed).sample(windows)
+    return float(F.cross_entropy(model(s, pa, pr).flatten(0, 1), target.flatten()))
+
+
 def score(returns: np.ndarray, optimal: np.ndarray, last_k: int) -> float:
     """returns: (b, E), optimal: (b,) -> mean over tasks of the normalised return of the last k episodes."""
     return float((returns[:, -last_k:] / optimal[:, None]).mean())

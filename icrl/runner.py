@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from icrl.config import ExperimentConfig
-from icrl.evaluate import expected_max_performance, in_context_returns, score
-from icrl.histories import generate
+from icrl.evaluate import expected_max_performance, heldout_loss, in_context_returns, score
+from icrl.histories import generate, q_learning_histories
 from icrl.train import train
 
 
@@ -39,8 +39,18 @@ def _split(hp: dict, section: str) -> dict:
     return {k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith(section + ".")}
 
 
-def run_one(cfg: ExperimentConfig, h, test_tasks, method_overrides: dict, hp: dict, seed: int, progress=None):
-    """Train one model with one hyperparameter assignment and evaluate it in context -> (row dict, returns)."""
+def run_one(
+    cfg: ExperimentConfig,
+    h,
+    test_tasks,
+    method_overrides: dict,
+    hp: dict,
+    seed: int,
+    progress=None,
+    test_h=None,
+):
+    """Train one model with one hyperparameter assignment and evaluate it in context -> (row dict, returns).
+    ``test_h``: histories on the held-out tasks for the held-out imitation loss (skipped when None)."""
     model_hp = _split(hp, "model")
     if not method_overrides.get("ngram_layers"):  # plain AD: n-gram keys are drawn but have no effect
         model_hp = {k: v for k, v in model_hp.items() if not k.startswith("ngram")}
@@ -56,6 +66,7 @@ def run_one(cfg: ExperimentConfig, h, test_tasks, method_overrides: dict, hp: di
     row = {
         "score": score(returns, optimal, cfg.eval.last_k),
         "final_loss": float(np.mean(losses[-20:])),
+        "test_loss": heldout_loss(model, test_h) if test_h is not None else float("nan"),
         "params": model.num_params(),
         "train_s": round(t_train, 1),
         "eval_s": round(time.time() - t0 - t_train, 1),
@@ -74,6 +85,10 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, progress=None, log=print) -
         data_cfg = replace(cfg.data, **budget)
         h, info = generate(cfg.spec, data_cfg)
         _, test = cfg.spec.split(data_cfg.n_train_tasks, data_cfg.n_test_tasks, seed=data_cfg.split_seed)
+        # the same learner on the held-out tasks (other seed): data for the held-out imitation loss
+        test_h = q_learning_histories(
+            cfg.spec, test, replace(data_cfg, histories_per_task=1, seed=data_cfg.seed + 1)
+        )
         log(
             f"budget {b_i}: {info['transitions']:,} transitions ({info['histories']} histories), "
             f"Q-learning first/last return {info['first']:.2f} -> {info['last']:.2f} of optimal"
@@ -81,7 +96,7 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, progress=None, log=print) -
         for method, overrides in g.methods.items():
             for draw in range(g.draws):
                 hp = draw_hparams(g.search, g.seed, draw)
-                row, norm_returns, _ = run_one(cfg, h, test, overrides, hp, seed=draw, progress=progress)
+                row, norm_returns, _ = run_one(cfg, h, test, overrides, hp, draw, progress, test_h)
                 row = {
                     "method": method,
                     "budget": b_i,
@@ -94,7 +109,7 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, progress=None, log=print) -
                 rows.append(row)
                 curves[(method, b_i, draw)] = norm_returns.mean(0)
                 log(
-                    f"  {method:>8} draw {draw}: score {row['score']:.3f} (loss {row['final_loss']:.3f}, "
+                    f"  {method:>8} draw {draw}: score {row['score']:.3f} (loss {row['final_loss']:.3f}, held-out {row['test_loss']:.3f}, "
                     f"{row['train_s']}s train)"
                 )
     summary = summarize(rows, g.threshold)
@@ -121,6 +136,7 @@ def summarize(rows: list[dict], threshold: float) -> dict:
                     "n_train_tasks": cell[0]["n_train_tasks"],
                     "best": float(max(scores)),
                     "mean": float(np.mean(scores)),
+                    "test_loss": float(min(r["test_loss"] for r in cell)),
                     "emp": emp.tolist(),
                 }
             )
@@ -159,14 +175,14 @@ def write_results(out: Path, rows: list[dict], summary: dict, cfg: ExperimentCon
 
 def markdown_table(summary: dict) -> str:
     lines = [
-        "| method | train tasks | transitions | best score | mean score | EMP(n=1..N) |",
-        "|---|---:|---:|---:|---:|---|",
+        "| method | train tasks | transitions | best score | mean score | held-out loss | EMP(n=1..N) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for c in summary["cells"]:
         emp = " ".join(f"{v:.2f}" for v in c["emp"])
         lines.append(
             f"| {c['method']} | {c['n_train_tasks']} | {c['transitions']:,} | {c['best']:.3f} | "
-            f"{c['mean']:.3f} | {emp} |"
+            f"{c['mean']:.3f} | {c['test_loss']:.3f} | {emp} |"
         )
     lines.append("")
     lines.append(f"Transitions to reach {summary['threshold']:.0%} of the optimal return (best draw):")

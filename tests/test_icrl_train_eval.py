@@ -98,3 +98,15 @@ def test_keytodoor_eval_with_early_termination():
             (sr, sc), (kr, kc), (dr, dc) = divmod(starts[i], 9), divmod(key, 9), divmod(door, 9)
             got_key = sr == kr and sc <= kc
             assert r[i, e] == got_key + (got_key and dr == kr and dc > kc)
+
+
+def test_heldout_loss_matches_manual_cross_entropy():
+    from icrl.evaluate import heldout_loss
+    from icrl.train import WindowSampler
+
+    spec = EnvSpec("darkroom")
+    h, _ = generate(spec, DataConfig(n_train_tasks=2, histories_per_task=2, episodes_per_history=4, seed=0))
+    model = Scripted(ADConfig(seq_len=20))
+    _, _, _, target = WindowSampler(h, 20, 5, 2, seed=0).sample(16)
+    logp = torch.log_softmax(torch.tensor([-10.0, -10.0, 10.0, -10.0, -10.0]), -1)
+    assert heldout_loss(model, h, windows=16) == pytest.approx(float(-logp[target].mean()), rel=1e-5)
