@@ -21,6 +21,7 @@ def _quiet_hf() -> None:
 
 def _one_line_errors(fn):
     """Bad input -> one-line click error, never a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from distill.run import Interrupted
@@ -33,40 +34,100 @@ def _one_line_errors(fn):
             raise click.ClickException(str(e)) from None
         except ERRORS as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
     return wrapper
 
 
 def common_options(fn):
     options = [
-        click.option("--teacher", default="default", show_default=True,
-                     help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF directory or hub name."),
-        click.option("--data", default=None, help="default: CPython's language reference (offline); 'teacher[:N]' for "
-                     "teacher samples; a .txt/.jsonl/.parquet file or directory; or a HF dataset name."),
-        click.option("--text-field", default="text", show_default=True, help="Field holding the text in JSONL/Parquet."),
-        click.option("--out", "out", default="runs/distill", show_default=True, type=click.Path(file_okay=False),
-                     help="Run directory (re-run the same command to resume)."),
-        click.option("--tokens", type=click.IntRange(min=1), default=None,
-                     help="Token budget (all: the total, split 3.75/33.75/62.5% over the stages)."),
-        click.option("--seq-len", type=click.IntRange(min=2), default=None,
-                     help=f"Sequence length (default per stage: {DEFAULT_SEQ_LEN})."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per micro-batch (4)."),
-        click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per step (1)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help=f"Peak LR of the WSD schedule (default per stage: {DEFAULT_LR})."),
+        click.option(
+            "--teacher",
+            default="default",
+            show_default=True,
+            help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF directory or hub name.",
+        ),
+        click.option(
+            "--data",
+            default=None,
+            help="default: CPython's language reference (offline); 'teacher[:N]' for "
+            "teacher samples; a .txt/.jsonl/.parquet file or directory; or a HF dataset name.",
+        ),
+        click.option(
+            "--text-field", default="text", show_default=True, help="Field holding the text in JSONL/Parquet."
+        ),
+        click.option(
+            "--out",
+            "out",
+            default="runs/distill",
+            show_default=True,
+            type=click.Path(file_okay=False),
+            help="Run directory (re-run the same command to resume).",
+        ),
+        click.option(
+            "--tokens",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Token budget (all: the total, split 3.75/33.75/62.5% over the stages).",
+        ),
+        click.option(
+            "--seq-len",
+            type=click.IntRange(min=2),
+            default=None,
+            help=f"Sequence length (default per stage: {DEFAULT_SEQ_LEN}).",
+        ),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per micro-batch (4)."
+        ),
+        click.option(
+            "--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per step (1)."
+        ),
+        click.option(
+            "--lr",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help=f"Peak LR of the WSD schedule (default per stage: {DEFAULT_LR}).",
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--init", type=click.Choice(["llamba", "attention"]), default="llamba", show_default=True,
-                     help="Mixer init of the student (stage 1 start)."),
-        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-                     help="auto = bf16 autocast on a GPU that supports it, fp32 on CPU."),
+        click.option(
+            "--init",
+            type=click.Choice(["llamba", "attention"]),
+            default="llamba",
+            show_default=True,
+            help="Mixer init of the student (stage 1 start).",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "bf16", "fp32"]),
+            default="auto",
+            show_default=True,
+            help="auto = bf16 autocast on a GPU that supports it, fp32 on CPU.",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N"),
-        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-                     help="Stage 3 KD temperature."),
-        click.option("--hard-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Stage 3 weight of the hard-label CE."),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="Stage 3 KD temperature.",
+        ),
+        click.option(
+            "--hard-weight",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            show_default=True,
+            help="Stage 3 weight of the hard-label CE.",
+        ),
         click.option("--freeze-mlp", is_flag=True, help="Stage 3: freeze MLPs (MOHAWK/Phi-Mamba variant)."),
-        click.option("--mixer-only", is_flag=True, help="Stage 2: align the mixer output to the attention output."),
-        click.option("--ckpt-every", type=click.FloatRange(min=0), default=120.0, show_default=True,
-                     help="Seconds between resumable checkpoints."),
+        click.option(
+            "--mixer-only", is_flag=True, help="Stage 2: align the mixer output to the attention output."
+        ),
+        click.option(
+            "--ckpt-every",
+            type=click.FloatRange(min=0),
+            default=120.0,
+            show_default=True,
+            help="Seconds between resumable checkpoints.",
+        ),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
     ]
     for opt in reversed(options):
@@ -75,8 +136,18 @@ def common_options(fn):
 
 
 def _spec_kwargs(o: dict) -> dict:
-    keys = ("seq_len", "batch_size", "grad_accum", "lr", "seed", "precision", "temperature", "hard_weight",
-            "freeze_mlp", "mixer_only")
+    keys = (
+        "seq_len",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "seed",
+        "precision",
+        "temperature",
+        "hard_weight",
+        "freeze_mlp",
+        "mixer_only",
+    )
     return {k: o[k] for k in keys if o.get(k) is not None}
 
 
@@ -87,8 +158,13 @@ def _print_eval(ev: dict, title: str = "held-out evaluation") -> None:
     table = Table(title=f"{title} ({ev['tokens']} tokens)")
     for col in ("teacher ppl", "student ppl", "ratio", "KL(t||s)", "top-1 agree"):
         table.add_column(col, justify="right")
-    table.add_row(f"{ev['teacher_ppl']:.2f}", f"{ev['student_ppl']:.2f}", f"{ev['ppl_ratio']:.3f}",
-                  f"{ev['kl']:.4f}", f"{ev['top1_agreement']:.3f}")
+    table.add_row(
+        f"{ev['teacher_ppl']:.2f}",
+        f"{ev['student_ppl']:.2f}",
+        f"{ev['ppl_ratio']:.3f}",
+        f"{ev['kl']:.4f}",
+        f"{ev['top1_agreement']:.3f}",
+    )
     console = Console()
     console.print(table)
     if "layer_rel_err" in ev:
@@ -112,22 +188,41 @@ def distill() -> None:
 
 def _make_stage_command(stage: int):
     @common_options
-    @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
-                  help="Start from this Llamba checkpoint instead of the run's previous stage / init.")
+    @click.option(
+        "--init-from",
+        type=click.Path(exists=True, file_okay=False),
+        default=None,
+        help="Start from this Llamba checkpoint instead of the run's previous stage / init.",
+    )
     @_one_line_errors
     def command(**o):
         _quiet_hf()
         from distill.run import distill_stage
 
-        summary = distill_stage(stage, teacher=o["teacher"], out=o["out"], data=o["data"], tokens=o["tokens"],
-                                init=o["init"], init_from=o["init_from"], device=o["device"],
-                                text_field=o["text_field"], progress=not o["no_progress"],
-                                ckpt_every_s=o["ckpt_every"], **_spec_kwargs(o))
-        click.echo(f"stage {stage}: {summary['tokens']} tokens, loss {summary['final_loss']:.4f}, "
-                   f"{summary['tok_s']:.0f} tok/s -> {o['out']}/stage{stage}")
+        summary = distill_stage(
+            stage,
+            teacher=o["teacher"],
+            out=o["out"],
+            data=o["data"],
+            tokens=o["tokens"],
+            init=o["init"],
+            init_from=o["init_from"],
+            device=o["device"],
+            text_field=o["text_field"],
+            progress=not o["no_progress"],
+            ckpt_every_s=o["ckpt_every"],
+            **_spec_kwargs(o),
+        )
+        click.echo(
+            f"stage {stage}: {summary['tokens']} tokens, loss {summary['final_loss']:.4f}, "
+            f"{summary['tok_s']:.0f} tok/s -> {o['out']}/stage{stage}"
+        )
 
-    command.__doc__ = {1: "Stage 1: matrix orientation.", 2: "Stage 2: hidden-state alignment.",
-                       3: "Stage 3: end-to-end knowledge distillation."}[stage]
+    command.__doc__ = {
+        1: "Stage 1: matrix orientation.",
+        2: "Stage 2: hidden-state alignment.",
+        3: "Stage 3: end-to-end knowledge distillation.",
+    }[stage]
     return click.command(name=f"stage{stage}")(command)
 
 
@@ -137,26 +232,45 @@ for _k in (1, 2, 3):
 
 @distill.command(name="all")
 @common_options
-@click.option("--eval-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Held-out tokens for the final teacher vs student comparison.")
+@click.option(
+    "--eval-tokens",
+    type=click.IntRange(min=2),
+    default=2048,
+    show_default=True,
+    help="Held-out tokens for the final teacher vs student comparison.",
+)
 @_one_line_errors
 def all_cmd(**o):
     """Init, stages 1-3 and the held-out evaluation, resumable (the README's main job)."""
     _quiet_hf()
     from distill.run import DEFAULT_TOTAL_TOKENS, distill_all
 
-    result = distill_all(teacher=o["teacher"], out=o["out"], data=o["data"], tokens=o["tokens"] or DEFAULT_TOTAL_TOKENS,
-                         init=o["init"], device=o["device"], text_field=o["text_field"], eval_tokens=o["eval_tokens"],
-                         progress=not o["no_progress"], ckpt_every_s=o["ckpt_every"], **_spec_kwargs(o))
+    result = distill_all(
+        teacher=o["teacher"],
+        out=o["out"],
+        data=o["data"],
+        tokens=o["tokens"] or DEFAULT_TOTAL_TOKENS,
+        init=o["init"],
+        device=o["device"],
+        text_field=o["text_field"],
+        eval_tokens=o["eval_tokens"],
+        progress=not o["no_progress"],
+        ckpt_every_s=o["ckpt_every"],
+        **_spec_kwargs(o),
+    )
     init = result["init"]
-    click.echo(f"after init ({o['init']}): student ppl {init['student_ppl']:.2f} vs teacher {init['teacher_ppl']:.2f}")
+    click.echo(
+        f"after init ({o['init']}): student ppl {init['student_ppl']:.2f} vs teacher {init['teacher_ppl']:.2f}"
+    )
     for k, s in result["stages"].items():
         click.echo(f"stage {k}: {s['tokens']} tokens, loss {s['final_loss']:.4f}, {s['tok_s']:.0f} tok/s")
     _print_eval(result["eval"])
 
 
 @click.command(name="eval")
-@click.option("--model", required=True, type=click.Path(), help="Llamba checkpoint directory (e.g. RUN/stage3).")
+@click.option(
+    "--model", required=True, type=click.Path(), help="Llamba checkpoint directory (e.g. RUN/stage3)."
+)
 @click.option("--teacher", default="default", show_default=True)
 @click.option("--data", default=None, help="As in `llamba distill` (its held-out split is used).")
 @click.option("--text-field", default="text", show_default=True)
@@ -171,8 +285,16 @@ def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, 
     _quiet_hf()
     from distill.evaluate import evaluate
 
-    ev = evaluate(model, teacher=teacher, data=data, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                  device=device, text_field=text_field)
+    ev = evaluate(
+        model,
+        teacher=teacher,
+        data=data,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        device=device,
+        text_field=text_field,
+    )
     if as_json:
         click.echo(json.dumps(ev, indent=1))
     else:

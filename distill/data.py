@@ -28,14 +28,26 @@ HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 0  # the held-out split does not depend on the run seed: every run evaluates on the same text
 
 SEED_PROMPTS = [
-    "Write a short story about a lighthouse keeper.", "Explain how photosynthesis works.",
-    "Describe the history of the printing press.", "What are the benefits of regular exercise?",
-    "Write an essay about the ocean.", "Explain what a computer program is to a child.",
-    "Describe a busy market in the morning.", "How do vaccines work?", "Tell me about the Roman Empire.",
-    "Write a letter to a friend about a trip to the mountains.", "Explain the water cycle.",
-    "What makes a good teacher?", "Describe how bread is made.", "Explain gravity in simple words.",
-    "Write a poem about autumn.", "Why do we have seasons?", "Describe the life of a honeybee.",
-    "Explain how a bicycle works.", "What is the importance of sleep?", "Summarize the plot of a mystery novel.",
+    "Write a short story about a lighthouse keeper.",
+    "Explain how photosynthesis works.",
+    "Describe the history of the printing press.",
+    "What are the benefits of regular exercise?",
+    "Write an essay about the ocean.",
+    "Explain what a computer program is to a child.",
+    "Describe a busy market in the morning.",
+    "How do vaccines work?",
+    "Tell me about the Roman Empire.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain the water cycle.",
+    "What makes a good teacher?",
+    "Describe how bread is made.",
+    "Explain gravity in simple words.",
+    "Write a poem about autumn.",
+    "Why do we have seasons?",
+    "Describe the life of a honeybee.",
+    "Explain how a bicycle works.",
+    "What is the importance of sleep?",
+    "Summarize the plot of a mystery novel.",
 ]
 
 
@@ -92,8 +104,10 @@ def _read_hf(name: str, field: str, max_docs: int) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"--data {name!r} is neither a file nor a directory; as a Hugging Face dataset it needs "
-                        "`pip install datasets` and the network") from None
+        raise DataError(
+            f"--data {name!r} is neither a file nor a directory; as a Hugging Face dataset it needs "
+            "`pip install datasets` and the network"
+        ) from None
     ds = datasets.load_dataset(name, split="train", streaming=True)
     docs = []
     for row in ds:
@@ -105,12 +119,15 @@ def _read_hf(name: str, field: str, max_docs: int) -> list[str]:
     return docs
 
 
-def teacher_samples(teacher, tokenizer, n_samples: int = 256, max_new_tokens: int = 192, seed: int = 0,
-                    batch_size: int = 16) -> list[str]:
+def teacher_samples(
+    teacher, tokenizer, n_samples: int = 256, max_new_tokens: int = 192, seed: int = 0, batch_size: int = 16
+) -> list[str]:
     """Sample from the teacher (T = 1, top-p 0.95) from short chat prompts; cached on disk by teacher and settings,
     so a second run reads the file (and a GPU box can produce it for a CPU one)."""
     name = getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
-    key = hashlib.sha1(f"{name}:{teacher.config.to_json_string()}:{n_samples}:{max_new_tokens}:{seed}".encode())
+    key = hashlib.sha1(
+        f"{name}:{teacher.config.to_json_string()}:{n_samples}:{max_new_tokens}:{seed}".encode()
+    )
     path = cache_root() / "data" / f"teacher-{key.hexdigest()[:12]}.jsonl"
     if path.is_file():
         return _read_jsonl(path, "text")
@@ -121,15 +138,27 @@ def teacher_samples(teacher, tokenizer, n_samples: int = 256, max_new_tokens: in
     for start in range(0, n_samples, batch_size):
         prompts = []
         for k in range(start, min(start + batch_size, n_samples)):
-            p = SEED_PROMPTS[int(torch.randint(len(SEED_PROMPTS), (1,), generator=gen))] if k >= len(SEED_PROMPTS) \
+            p = (
+                SEED_PROMPTS[int(torch.randint(len(SEED_PROMPTS), (1,), generator=gen))]
+                if k >= len(SEED_PROMPTS)
                 else SEED_PROMPTS[k]
+            )
             msgs = [{"role": "user", "content": p}]
-            prompts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-                           if tokenizer.chat_template else p)
+            prompts.append(
+                tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                if tokenizer.chat_template
+                else p
+            )
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = teacher.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=max_new_tokens,
-                                   pad_token_id=tokenizer.pad_token_id)
+            out = teacher.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_p=0.95,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         for row in out:
             docs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +170,9 @@ def teacher_samples(teacher, tokenizer, n_samples: int = 256, max_new_tokens: in
     return docs
 
 
-def load_documents(spec: str | None, text_field: str = "text", teacher=None, tokenizer=None,
-                   max_docs: int = 100_000) -> list[str]:
+def load_documents(
+    spec: str | None, text_field: str = "text", teacher=None, tokenizer=None, max_docs: int = 100_000
+) -> list[str]:
     """Resolve `--data` (see the module docstring) to a list of documents."""
     if spec in (None, "", "default", "none"):
         return python_docs_corpus()
@@ -163,7 +193,9 @@ def load_documents(spec: str | None, text_field: str = "text", teacher=None, tok
         elif path.suffix == ".parquet":
             docs = _read_parquet(path, text_field)
         else:
-            docs = [d for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n\n") if d.strip()]
+            docs = [
+                d for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n\n") if d.strip()
+            ]
     elif path.suffix in (".txt", ".jsonl", ".json", ".parquet", ".md") or os.sep in spec:
         raise DataError(f"{spec}: file not found")
     else:
@@ -177,7 +209,9 @@ def load_documents(spec: str | None, text_field: str = "text", teacher=None, tok
 # --------------------------------------------------------------------------------------------------
 # Tokens
 # --------------------------------------------------------------------------------------------------
-def split_documents(docs: list[str], heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
+def split_documents(
+    docs: list[str], heldout_fraction: float = HELDOUT_FRACTION
+) -> tuple[list[str], list[str]]:
     """A fixed (seed-independent) document-level split -> (train, held-out); at least one held-out document."""
     order = list(range(len(docs)))
     random.Random(SPLIT_SEED).shuffle(order)

@@ -18,7 +18,9 @@ from distill.teacher import teacher_residuals
 
 
 @torch.no_grad()
-def evaluate_tokens(student, teacher_model, ids: torch.Tensor, batch_size: int = 4, per_layer: bool = True) -> dict:
+def evaluate_tokens(
+    student, teacher_model, ids: torch.Tensor, batch_size: int = 4, per_layer: bool = True
+) -> dict:
     """ids: (n, l) held-out rows on the models' device -> metrics dict (see the module docstring)."""
     student.eval()
     n_layer = len(student.backbone.layers)
@@ -27,7 +29,7 @@ def evaluate_tokens(student, teacher_model, ids: torch.Tensor, batch_size: int =
     diff_st = torch.zeros(n_layer, dtype=torch.float64)
     ref = torch.zeros(n_layer, dtype=torch.float64)
     for start in range(0, ids.shape[0], batch_size):
-        x = ids[start:start + batch_size]
+        x = ids[start : start + batch_size]
         t = teacher_residuals(teacher_model, x)
         h = student.backbone.embedding(x)
         for i, block in enumerate(student.backbone.layers):
@@ -41,8 +43,12 @@ def evaluate_tokens(student, teacher_model, ids: torch.Tensor, batch_size: int =
         s_logits = student.lm_head(student.backbone.final_layernorm(h)).float()
         t_logits = t["logits"]
         targets = x[:, 1:].reshape(-1)
-        nll_s += F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]), targets, reduction="sum").item()
-        nll_t += F.cross_entropy(t_logits[:, :-1].reshape(-1, t_logits.shape[-1]), targets, reduction="sum").item()
+        nll_s += F.cross_entropy(
+            s_logits[:, :-1].reshape(-1, s_logits.shape[-1]), targets, reduction="sum"
+        ).item()
+        nll_t += F.cross_entropy(
+            t_logits[:, :-1].reshape(-1, t_logits.shape[-1]), targets, reduction="sum"
+        ).item()
         log_ps, log_pt = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
         kl += (log_pt.exp() * (log_pt - log_ps)).sum().item() / x.shape[1] * (x.shape[1] - 1)
         agree += (s_logits[:, :-1].argmax(-1) == t_logits[:, :-1].argmax(-1)).sum().item()
@@ -61,9 +67,18 @@ def evaluate_tokens(student, teacher_model, ids: torch.Tensor, batch_size: int =
     return out
 
 
-def evaluate(model, teacher="default", data=None, seq_len: int = 256, max_tokens: int = 2048, batch_size: int = 4,
-             per_layer: bool = True, device: str = "auto", text_field: str = "text",
-             docs: list[str] | None = None) -> dict:
+def evaluate(
+    model,
+    teacher="default",
+    data=None,
+    seq_len: int = 256,
+    max_tokens: int = 2048,
+    batch_size: int = 4,
+    per_layer: bool = True,
+    device: str = "auto",
+    text_field: str = "text",
+    docs: list[str] | None = None,
+) -> dict:
     """model: a Llamba checkpoint directory or a LlambaForCausalLM; teacher: a spec for load_teacher, a
     (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used). Evaluates on up to
     max_tokens held-out tokens in rows of seq_len. Returns the metrics dict of `evaluate_tokens`."""
@@ -73,8 +88,10 @@ def evaluate(model, teacher="default", data=None, seq_len: int = 256, max_tokens
     t = get_teacher(teacher, dev)
     student = load_student(model, dev) if isinstance(model, (str, Path)) else model.to(dev)
     if student.config.vocab_size != t.model.config.vocab_size:
-        raise ValueError(f"student vocab_size {student.config.vocab_size} != teacher vocab_size "
-                         f"{t.model.config.vocab_size}: they were not distilled from each other")
+        raise ValueError(
+            f"student vocab_size {student.config.vocab_size} != teacher vocab_size "
+            f"{t.model.config.vocab_size}: they were not distilled from each other"
+        )
     if docs is None:
         docs = load_documents(data, text_field, t.model, t.tokenizer)
     held = build_token_data(docs, t.tokenizer, seq_len).heldout

@@ -78,10 +78,14 @@ def build_student(teacher: nn.Module, init: str = "llamba", seed: int = 0, **ove
         n_heads, n_kv = tc.num_attention_heads, tc.num_key_value_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_heads
         if config.d_state != head_dim:
-            raise InitError(f"--init attention needs d_state == teacher head_dim ({head_dim}), got {config.d_state}")
+            raise InitError(
+                f"--init attention needs d_state == teacher head_dim ({head_dim}), got {config.d_state}"
+            )
         if config.n_v_heads != n_heads or config.n_qk_heads != n_heads or config.headdim != head_dim:
-            raise InitError(f"--init attention needs n_v_heads = n_qk_heads = {n_heads} with headdim {head_dim}; "
-                            f"got {config.n_v_heads}/{config.n_qk_heads} heads of {config.headdim}")
+            raise InitError(
+                f"--init attention needs n_v_heads = n_qk_heads = {n_heads} with headdim {head_dim}; "
+                f"got {config.n_v_heads}/{config.n_qk_heads} heads of {config.headdim}"
+            )
         for t_layer, s_layer in zip(teacher.model.layers, student.backbone.layers, strict=True):
             init_mixer_from_attention(s_layer.mixer, t_layer.self_attn, n_heads, n_kv, head_dim)
     return student

@@ -20,8 +20,13 @@ def hidden_alignment_loss(student_h: torch.Tensor, teacher_h: torch.Tensor) -> t
     return (student_h.float() - teacher_h.float()).norm(dim=-1).mean()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            labels: torch.Tensor | None = None, hard_weight: float = 0.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+) -> torch.Tensor:
     """Stage 3. logits: (b, l, v); labels: (b, l) next-token targets already aligned with the logits
     (-100 ignored) -> scalar.
 
@@ -32,8 +37,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t = teacher_logits.float().reshape(-1, v) / temperature
     soft = -(F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)).sum(-1).mean() * temperature**2
     if hard_weight and labels is not None:
-        soft = soft + hard_weight * F.cross_entropy(student_logits.float().reshape(-1, v), labels.reshape(-1),
-                                                    ignore_index=-100)
+        soft = soft + hard_weight * F.cross_entropy(
+            student_logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=-100
+        )
     return soft
 
 

@@ -23,7 +23,7 @@ def plot_stage(metrics: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if per_layer:
-        tail = np.array(per_layer[-max(1, len(per_layer) // 4):])  # (steps, n_layer)
+        tail = np.array(per_layer[-max(1, len(per_layer) // 4) :])  # (steps, n_layer)
         ax = axes[0, 1]
         ax.bar(np.arange(tail.shape[1]), tail.mean(0), yerr=tail.std(0), capsize=2, color="tab:orange")
         ax.set_xlabel("layer")

@@ -39,8 +39,16 @@ from distill.teacher import load_teacher
 from llamba.config import LlambaConfig
 from llamba.model import LlambaForCausalLM
 
-DEFAULT_TOTAL_TOKENS = 64_000
-REQUIRED_KEYS = ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads", "n_qk_heads")
+DEFAULT_TOTAL_TOKENS = 48_000  # ~12 min on the 2-core reference CPU (distill/README.md)
+REQUIRED_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layer",
+    "intermediate_size",
+    "d_state",
+    "n_v_heads",
+    "n_qk_heads",
+)
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -79,6 +87,7 @@ def get_teacher(teacher, device: torch.device, dtype: torch.dtype = torch.float3
 # --------------------------------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -97,12 +106,15 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
-def save_student(student: LlambaForCausalLM, dest: Path) -> None:
-    """save_pretrained into a temporary folder beside dest, then move each file into dest with os.replace."""
+def save_student(student: LlambaForCausalLM, dest: Path, tokenizer=None) -> None:
+    """save_pretrained (and the teacher's tokenizer, so the checkpoint is self-contained) into a temporary folder
+    inside dest, then move each file into dest with os.replace, config.json last."""
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".save-"))
     try:
         student.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config last
             os.replace(f, dest / f.name)
     finally:
@@ -146,9 +158,13 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Llamba
     expected = model.state_dict()
     for name, tensor in state.items():
         if name in expected and expected[name].shape != tensor.shape:
-            raise RunError(f"{weights}: tensor `{name}` has shape {tuple(tensor.shape)}, config.json implies "
-                           f"{tuple(expected[name].shape)}")
-    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)]
+            raise RunError(
+                f"{weights}: tensor `{name}` has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(expected[name].shape)}"
+            )
+    missing = [
+        k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)
+    ]
     if missing:
         raise RunError(f"{weights}: missing tensor `{missing[0]}` ({len(missing)} missing)")
     model.load_state_dict(state, strict=False)
@@ -163,9 +179,17 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> Llamba
 def _progress(enabled: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tok_s]:.0f} tok/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tok_s]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -174,20 +198,34 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, data: TokenData, stage_dir: Path,
-                device: torch.device, progress: bool = True, ckpt_every_s: float = 120.0,
-                stop_after: int | None = None) -> dict:
+def train_stage(
+    spec: StageSpec,
+    student: LlambaForCausalLM,
+    teacher: Teacher,
+    data: TokenData,
+    stage_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    ckpt_every_s: float = 120.0,
+    stop_after: int | None = None,
+) -> dict:
     """Train one stage from step 0 or from stage_dir/resume.pt; write the final checkpoint, metrics and plot.
 
     stop_after: raise Interrupted after that many optimizer steps of this call (a checkpoint is written first)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    spec_file, resume_file, metrics_file = stage_dir / "spec.json", stage_dir / "resume.pt", stage_dir / "metrics.jsonl"
+    spec_file, resume_file, metrics_file = (
+        stage_dir / "spec.json",
+        stage_dir / "resume.pt",
+        stage_dir / "metrics.jsonl",
+    )
     if spec_file.is_file():
         old = json.loads(spec_file.read_text())
         diff = [k for k, v in spec.to_json().items() if old.get(k) != v]
         if diff and resume_file.is_file():
-            raise RunError(f"{spec_file}: this stage was started with a different `{diff[0]}` "
-                           f"({old.get(diff[0])!r} vs {spec.to_json()[diff[0]]!r}); use another --out or delete it")
+            raise RunError(
+                f"{spec_file}: this stage was started with a different `{diff[0]}` "
+                f"({old.get(diff[0])!r} vs {spec.to_json()[diff[0]]!r}); use another --out or delete it"
+            )
     atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=1))
 
     student.to(device).train()
@@ -205,8 +243,16 @@ def train_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
     atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in metrics))
 
     def checkpoint():
-        atomic_torch_save({"student": student.state_dict(), "optim": opt.state_dict(), "step": step,
-                           "elapsed": elapsed, "metric_lines": len(metrics)}, resume_file)
+        atomic_torch_save(
+            {
+                "student": student.state_dict(),
+                "optim": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "metric_lines": len(metrics),
+            },
+            resume_file,
+        )
         plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}") if metrics else None
 
     loss_step = STAGE_STEPS[spec.stage](student, teacher.model, spec, device)
@@ -225,15 +271,26 @@ def train_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
                 loss, layers = loss_step(ids, 1.0 / spec.grad_accum)
                 losses.append(loss)
                 if layers is not None:
-                    per_layer = layers if per_layer is None else [a + b for a, b in zip(per_layer, layers, strict=True)]
+                    per_layer = (
+                        layers
+                        if per_layer is None
+                        else [a + b for a, b in zip(per_layer, layers, strict=True)]
+                    )
             grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - t0
             elapsed += dt
-            row = {"step": step, "tokens": step * spec.tokens_per_step, "loss": sum(losses) / len(losses), "lr": lr,
-                   "grad_norm": grad_norm, "tok_s": spec.tokens_per_step / dt, "elapsed_s": round(elapsed, 3)}
+            row = {
+                "step": step,
+                "tokens": step * spec.tokens_per_step,
+                "loss": sum(losses) / len(losses),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tok_s": spec.tokens_per_step / dt,
+                "elapsed_s": round(elapsed, 3),
+            }
             if per_layer is not None:
                 row["per_layer"] = [x / spec.grad_accum for x in per_layer]
             metrics.append(row)
@@ -249,14 +306,21 @@ def train_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
                 raise Interrupted(f"stopped after {done_here} steps (step {step}/{total})")
 
     student.eval()
-    save_student(student, stage_dir)
+    save_student(student, stage_dir, teacher.tokenizer)
     plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}")
-    tail = metrics[-max(1, len(metrics) // 10):]
-    summary = {"stage": spec.stage, "steps": total, "tokens": total * spec.tokens_per_step,
-               "final_loss": sum(m["loss"] for m in tail) / len(tail), "elapsed_s": round(elapsed, 1),
-               "tok_s": round(total * spec.tokens_per_step / max(elapsed, 1e-9), 1)}
+    tail = metrics[-max(1, len(metrics) // 10) :]
+    summary = {
+        "stage": spec.stage,
+        "steps": total,
+        "tokens": total * spec.tokens_per_step,
+        "final_loss": sum(m["loss"] for m in tail) / len(tail),
+        "elapsed_s": round(elapsed, 1),
+        "tok_s": round(total * spec.tokens_per_step / max(elapsed, 1e-9), 1),
+    }
     if tail and "per_layer" in tail[-1]:
-        summary["per_layer"] = [sum(m["per_layer"][i] for m in tail) / len(tail) for i in range(len(tail[-1]["per_layer"]))]
+        summary["per_layer"] = [
+            sum(m["per_layer"][i] for m in tail) / len(tail) for i in range(len(tail[-1]["per_layer"]))
+        ]
     atomic_write_text(stage_dir / "DONE.json", json.dumps(summary, indent=1))
     resume_file.unlink(missing_ok=True)
     return summary
@@ -265,8 +329,15 @@ def train_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
 # --------------------------------------------------------------------------------------------------
 # Stages and the whole pipeline
 # --------------------------------------------------------------------------------------------------
-def stage_start(out: Path, stage: int, teacher: Teacher, init: str, init_from: str | Path | None, seed: int,
-                device: torch.device) -> LlambaForCausalLM:
+def stage_start(
+    out: Path,
+    stage: int,
+    teacher: Teacher,
+    init: str,
+    init_from: str | Path | None,
+    seed: int,
+    device: torch.device,
+) -> LlambaForCausalLM:
     """The student a stage starts from: --init-from, else the previous stage of this run, else (stage 1) the
     initialized student saved under RUN_DIR/init (built once, so re-runs start from the same weights)."""
     if init_from is not None:
@@ -274,22 +345,36 @@ def stage_start(out: Path, stage: int, teacher: Teacher, init: str, init_from: s
     if stage > 1:
         prev = out / f"stage{stage - 1}"
         if not (prev / "DONE.json").is_file():
-            raise RunError(f"{prev}/DONE.json: stage {stage - 1} has not finished in this run; run it first "
-                           "(or pass --init-from CHECKPOINT)")
+            raise RunError(
+                f"{prev}/DONE.json: stage {stage - 1} has not finished in this run; run it first "
+                "(or pass --init-from CHECKPOINT)"
+            )
         return load_student(prev, device)
     init_dir = out / "init"
     if (init_dir / "config.json").is_file():
         return load_student(init_dir, device)
     student = build_student(teacher.model, init=init, seed=seed)
-    save_student(student, init_dir)
+    save_student(student, init_dir, teacher.tokenizer)
     atomic_write_text(init_dir / "init.json", json.dumps({"init": init, "seed": seed}))
     return student.to(device)
 
 
-def distill_stage(stage: int, teacher="default", out: str | Path = "runs/distill", data=None, tokens: int | None = None,
-                  init: str = "llamba", init_from: str | Path | None = None, device: str = "auto",
-                  text_field: str = "text", progress: bool = True, ckpt_every_s: float = 120.0,
-                  stop_after: int | None = None, docs: list[str] | None = None, **spec_overrides) -> dict:
+def distill_stage(
+    stage: int,
+    teacher="default",
+    out: str | Path = "runs/distill",
+    data=None,
+    tokens: int | None = None,
+    init: str = "llamba",
+    init_from: str | Path | None = None,
+    device: str = "auto",
+    text_field: str = "text",
+    progress: bool = True,
+    ckpt_every_s: float = 120.0,
+    stop_after: int | None = None,
+    docs: list[str] | None = None,
+    **spec_overrides,
+) -> dict:
     """Run (or resume, or skip when finished) stage 1, 2 or 3 in RUN_DIR `out`. spec_overrides: any StageSpec
     field (seq_len, batch_size, grad_accum, lr, seed, precision, temperature, hard_weight, freeze_mlp,
     mixer_only, ...). Returns the stage summary (also in RUN_DIR/stageK/DONE.json)."""
@@ -308,10 +393,20 @@ def distill_stage(stage: int, teacher="default", out: str | Path = "runs/distill
     return train_stage(spec, student, t, token_data, stage_dir, dev, progress, ckpt_every_s, stop_after)
 
 
-def distill_all(teacher="default", out: str | Path = "runs/distill", data=None, tokens: int = DEFAULT_TOTAL_TOKENS,
-                init: str = "llamba", device: str = "auto", text_field: str = "text", eval_tokens: int = 2048,
-                progress: bool = True, ckpt_every_s: float = 120.0, stage_overrides: dict | None = None,
-                **spec_overrides) -> dict:
+def distill_all(
+    teacher="default",
+    out: str | Path = "runs/distill",
+    data=None,
+    tokens: int = DEFAULT_TOTAL_TOKENS,
+    init: str = "llamba",
+    device: str = "auto",
+    text_field: str = "text",
+    eval_tokens: int = 2048,
+    progress: bool = True,
+    ckpt_every_s: float = 120.0,
+    stage_overrides: dict | None = None,
+    **spec_overrides,
+) -> dict:
     """The main job: init -> stage 1 -> stage 2 -> stage 3 -> held-out evaluation, resumable at any point.
 
     tokens: total budget, split 3.75% / 33.75% / 62.5% over the stages; spec_overrides apply to every stage and
@@ -333,17 +428,33 @@ def distill_all(teacher="default", out: str | Path = "runs/distill", data=None, 
     if not init_eval.is_file():
         held = build_token_data(docs, t.tokenizer, 256).heldout
         n = max(1, min(held.shape[0], eval_tokens // 256))
-        atomic_write_text(init_eval, json.dumps(evaluate_tokens(student, t.model, held[:n].to(dev), per_layer=False)))
+        atomic_write_text(
+            init_eval, json.dumps(evaluate_tokens(student, t.model, held[:n].to(dev), per_layer=False))
+        )
     result["init"] = json.loads(init_eval.read_text())
     del student
 
     for k in (1, 2, 3):
         overrides = {**spec_overrides, **((stage_overrides or {}).get(k, {}))}
-        result["stages"][k] = distill_stage(k, t, out, tokens=budget[k], init=init, device=device, progress=progress,
-                                            ckpt_every_s=ckpt_every_s, docs=docs, **overrides)
+        result["stages"][k] = distill_stage(
+            k,
+            t,
+            out,
+            tokens=budget[k],
+            init=init,
+            device=device,
+            progress=progress,
+            ckpt_every_s=ckpt_every_s,
+            docs=docs,
+            **overrides,
+        )
     eval_file = out / "eval.json"
     if not eval_file.is_file():
-        atomic_write_text(eval_file, json.dumps(evaluate(out / "stage3", t, docs=docs, max_tokens=eval_tokens,
-                                                         device=device), indent=1))
+        atomic_write_text(
+            eval_file,
+            json.dumps(
+                evaluate(out / "stage3", t, docs=docs, max_tokens=eval_tokens, device=device), indent=1
+            ),
+        )
     result["eval"] = json.loads(eval_file.read_text())
     return result

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def wsd_lr(step: int, total_steps: int, peak_lr: float, warmup: float = 0.1, decay: float = 0.1,
-           min_lr: float = 1e-8) -> float:
+def wsd_lr(
+    step: int, total_steps: int, peak_lr: float, warmup: float = 0.1, decay: float = 0.1, min_lr: float = 1e-8
+) -> float:
     """LR for optimizer step `step` (0-based) of `total_steps`: linear warmup over the first `warmup` fraction,
     constant, then a linear decay to `min_lr` over the last `decay` fraction."""
     total_steps = max(total_steps, 1)

@@ -65,8 +65,13 @@ class StageSpec:
 
 
 def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
-    fields = dict(stage=stage, tokens=tokens, seq_len=DEFAULT_SEQ_LEN[stage], batch_size=DEFAULT_BATCH[stage],
-                  lr=DEFAULT_LR[stage])
+    fields = dict(
+        stage=stage,
+        tokens=tokens,
+        seq_len=DEFAULT_SEQ_LEN[stage],
+        batch_size=DEFAULT_BATCH[stage],
+        lr=DEFAULT_LR[stage],
+    )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return StageSpec(**fields)
 
@@ -78,7 +83,8 @@ def split_budget(total_tokens: int) -> dict[int, int]:
 
 def autocast_context(spec: StageSpec, device: torch.device):
     use_bf16 = spec.precision == "bf16" or (
-        spec.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        spec.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -90,6 +96,7 @@ def autocast_context(spec: StageSpec, device: torch.device):
 def trainable_parameters(student: nn.Module, spec: StageSpec) -> list[tuple[str, nn.Parameter]]:
     """Stage 1: mixers + their input norms. Stage 2: whole blocks (mixer + input norm with --mixer-only).
     Stage 3: everything; MLPs frozen with --freeze-mlp (MOHAWK/Phi-Mamba), trained by default (Llamba)."""
+
     def wanted(name: str) -> bool:
         in_block = name.startswith("backbone.layers.")
         if spec.stage == 1 or (spec.stage == 2 and spec.mixer_only):
@@ -124,6 +131,7 @@ LossStep = Callable[[torch.Tensor, float], tuple[float, list[float] | None]]
 def stage1_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
     """Matrix orientation. Per layer: teacher attention maps of that layer only (eager, recomputed from the
     teacher's residual stream), student mixing matrix on the same input, backward at once (frees the maps)."""
+
     def step(ids: torch.Tensor, scale: float):  # ids: (b, l)
         resid = teacher_residuals(teacher, ids)["resid"]
         maps = AttentionMaps(teacher, ids)
@@ -140,12 +148,14 @@ def stage1_step(student, teacher, spec: StageSpec, device: torch.device) -> Loss
         finally:
             maps.close()
         return sum(per_layer) / len(per_layer), per_layer
+
     return step
 
 
 def stage2_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
     """Hidden-state alignment. One teacher forward feeds every layer; layer i maps teacher hidden_states[i] to a
     prediction of hidden_states[i+1] (or, with mixer_only, of the attention output)."""
+
     def step(ids: torch.Tensor, scale: float):
         out = teacher_residuals(teacher, ids, with_attn_out=spec.mixer_only)
         per_layer = []
@@ -157,11 +167,13 @@ def stage2_step(student, teacher, spec: StageSpec, device: torch.device) -> Loss
             (loss * scale).backward()
             per_layer.append(loss.item())
         return sum(per_layer) / len(per_layer), per_layer
+
     return step
 
 
 def stage3_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
     """End-to-end knowledge distillation: soft CE against the teacher's distribution at temperature T."""
+
     def step(ids: torch.Tensor, scale: float):
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits
@@ -171,6 +183,7 @@ def stage3_step(student, teacher, spec: StageSpec, device: torch.device) -> Loss
         loss = kd_loss(s_logits, t_logits, spec.temperature, labels=labels, hard_weight=spec.hard_weight)
         (loss * scale).backward()
         return loss.item(), None
+
     return step
 
 

@@ -39,7 +39,9 @@ def embedded_gguf() -> Path:
     try:
         files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise TeacherError(f"the embedded teacher needs the package {EMBEDDED_PACKAGE}: {INSTALL_HINT}") from None
+        raise TeacherError(
+            f"the embedded teacher needs the package {EMBEDDED_PACKAGE}: {INSTALL_HINT}"
+        ) from None
     for f in files:
         if str(f).endswith(".gguf"):
             return Path(f.locate())
@@ -49,8 +51,10 @@ def embedded_gguf() -> Path:
 def _check_llama(config, source: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type != "llama":
-        raise TeacherError(f"{source}: teacher architecture is {model_type!r} (config field `model_type`), "
-                           "not 'llama'; only LlamaForCausalLM teachers can be distilled")
+        raise TeacherError(
+            f"{source}: teacher architecture is {model_type!r} (config field `model_type`), "
+            "not 'llama'; only LlamaForCausalLM teachers can be distilled"
+        )
 
 
 def _atomic_save(model, tokenizer, dest: Path) -> None:
@@ -87,7 +91,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -106,15 +112,17 @@ def _load_dir(source: str | Path, dtype: torch.dtype, local_only: bool = True):
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     except Exception as e:
-        raise TeacherError(f"{source}: cannot read config.json ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        raise TeacherError(
+            f"{source}: cannot read config.json ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     _check_llama(config, str(source))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except Exception as e:
-        raise TeacherError(f"{source}: cannot load the teacher ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        raise TeacherError(
+            f"{source}: cannot load the teacher ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     return model, tokenizer
 
 
@@ -132,6 +140,8 @@ def load_teacher(spec: str | Path | None = DEFAULT_TEACHER, dtype: torch.dtype =
         model, tokenizer = _load_dir(spec, dtype)
     elif Path(spec).exists():
         raise TeacherError(f"{spec}: not a model directory or a .gguf file")
+    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise TeacherError(f"{spec}: no such teacher directory")
     else:  # a hub name: needs the network (or the HF cache)
         model, tokenizer = _load_dir(spec, dtype, local_only=False)
     model.eval().requires_grad_(False)
@@ -163,18 +173,22 @@ def teacher_residuals(teacher: nn.Module, input_ids: torch.Tensor, with_attn_out
     def keep_input(i):
         def hook(module, args, kwargs):
             resid[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
         return hook
 
     def keep_output(i, store):
         def hook(module, args, kwargs, out):
             store[i] = _layer_output(out).detach()
+
         return hook
 
     try:
         for i, layer in enumerate(layers):
             hooks.append(layer.register_forward_pre_hook(keep_input(i), with_kwargs=True))
             if with_attn_out:
-                hooks.append(layer.self_attn.register_forward_hook(keep_output(i, attn_out), with_kwargs=True))
+                hooks.append(
+                    layer.self_attn.register_forward_hook(keep_output(i, attn_out), with_kwargs=True)
+                )
         hooks.append(layers[-1].register_forward_hook(keep_output(len(layers), resid), with_kwargs=True))
         logits = teacher(input_ids=input_ids).logits.float()
     finally:
@@ -197,15 +211,24 @@ class AttentionMaps:
         probe = torch.zeros(b, l, teacher.config.hidden_size, dtype=teacher.dtype, device=input_ids.device)
         self.cos_sin = teacher.model.rotary_emb(probe, position_ids=self.pos)
         teacher.set_attn_implementation("eager")
-        self.mask = create_causal_mask(config=teacher.config, inputs_embeds=probe, attention_mask=None,
-                                       past_key_values=None, position_ids=self.pos)
+        self.mask = create_causal_mask(
+            config=teacher.config,
+            inputs_embeds=probe,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=self.pos,
+        )
 
     @torch.no_grad()
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """h: (b, l, d) residual stream entering layer i -> attention weights (b, heads, l, l) fp32."""
         layer = self.teacher.model.layers[i]
-        _, weights = layer.self_attn(layer.input_layernorm(h), position_embeddings=self.cos_sin,
-                                     attention_mask=self.mask, position_ids=self.pos)
+        _, weights = layer.self_attn(
+            layer.input_layernorm(h),
+            position_embeddings=self.cos_sin,
+            attention_mask=self.mask,
+            position_ids=self.pos,
+        )
         return weights.float()
 
     def close(self) -> None:

@@ -20,19 +20,33 @@ def tiny_tokenizer():
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[EOS]"
+    )
 
 
-def tiny_teacher(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-                 tie: bool = True):
+def tiny_teacher(
+    hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0, tie: bool = True
+):
     """A random LlamaForCausalLM (eval mode, frozen) over the tiny tokenizer's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=tie,
-                      eos_token_id=1, pad_token_id=1, bos_token_id=None, initializer_range=0.1)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        eos_token_id=1,
+        pad_token_id=1,
+        bos_token_id=None,
+        initializer_range=0.1,
+    )
     model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
     model.set_attn_implementation("sdpa")
     return model
@@ -47,7 +61,11 @@ def tiny_corpus(n_docs: int = 60, words_per_doc: int = 120, seed: int = 0) -> li
         for _ in range(words_per_doc):
             out.append(w)
             i = WORDS.index(w)
-            w = WORDS[(i * 7 + rng.choice((1, 2, 3))) % len(WORDS)] if rng.random() < 0.8 else rng.choice(WORDS)
+            w = (
+                WORDS[(i * 7 + rng.choice((1, 2, 3))) % len(WORDS)]
+                if rng.random() < 0.8
+                else rng.choice(WORDS)
+            )
         docs.append(" ".join(out) + " .")
     return docs
 

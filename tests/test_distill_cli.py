@@ -28,15 +28,38 @@ def test_cli_runs_all_three_stages_end_to_end(files):
     root, teacher, corpus = files
     out = root / "run"
     start = time.time()
-    args = ["all", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "12000",
-            "--seq-len", "32", "--lr", "3e-3", "--no-progress", "--eval-tokens", "256"]
+    args = [
+        "all",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "12000",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--no-progress",
+        "--eval-tokens",
+        "256",
+    ]
     result = _invoke(distill, args)
     assert result.exit_code == 0, result.output
     assert time.time() - start < 60
     assert "teacher ppl" in result.output and "after init" in result.output
     for k in (1, 2, 3):
         stage = out / f"stage{k}"
-        for name in ("config.json", "model.safetensors", "metrics.jsonl", "loss.png", "DONE.json"):
+        for name in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "metrics.jsonl",
+            "loss.png",
+            "DONE.json",
+        ):
             assert (stage / name).is_file(), (k, name)
         model = LlambaForCausalLM.from_pretrained(stage)
         assert model.config.n_layer == 2
@@ -46,8 +69,22 @@ def test_cli_runs_all_three_stages_end_to_end(files):
     again = _invoke(distill, args)
     assert again.exit_code == 0 and "teacher ppl" in again.output
 
-    result = _invoke(eval_cmd, ["--model", str(out / "stage3"), "--teacher", str(teacher), "--data", str(corpus),
-                                "--seq-len", "32", "--max-tokens", "128", "--json"])
+    result = _invoke(
+        eval_cmd,
+        [
+            "--model",
+            str(out / "stage3"),
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(corpus),
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "128",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
     assert {"teacher_ppl", "student_ppl", "kl", "top1_agreement", "layer_rel_err"} <= set(metrics)
@@ -55,13 +92,33 @@ def test_cli_runs_all_three_stages_end_to_end(files):
 
 def test_cli_single_stage_with_init_from(files):
     root, teacher, corpus = files
-    base = ["--teacher", str(teacher), "--data", str(corpus), "--tokens", "256", "--seq-len", "32", "--no-progress"]
+    base = [
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--tokens",
+        "256",
+        "--seq-len",
+        "32",
+        "--no-progress",
+    ]
     missing = _invoke(distill, ["stage2", "--out", str(root / "fresh"), *base])
     assert missing.exit_code == 1 and "stage 1 has not finished" in missing.output
     result = _invoke(distill, ["stage1", "--out", str(root / "s"), *base])
     assert result.exit_code == 0, result.output
-    result = _invoke(distill, ["stage3", "--out", str(root / "t"), "--init-from", str(root / "s" / "stage1"),
-                               "--freeze-mlp", *base])
+    result = _invoke(
+        distill,
+        [
+            "stage3",
+            "--out",
+            str(root / "t"),
+            "--init-from",
+            str(root / "s" / "stage1"),
+            "--freeze-mlp",
+            *base,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (root / "t" / "stage3" / "model.safetensors").is_file()
 
@@ -81,18 +138,45 @@ def test_bad_input_gives_one_line_errors(files):
 
     gpt2 = root / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(gpt2)
-    _one_line_error(_invoke(distill, ["stage1", "--teacher", str(gpt2), "--out", str(root / "x")]), "gpt2", "model_type")
-    _one_line_error(_invoke(distill, ["stage1", "--teacher", str(teacher), "--data", str(root / "nope.txt"),
-                                      "--out", str(root / "x")]), "nope.txt")
+    _one_line_error(
+        _invoke(distill, ["stage1", "--teacher", str(gpt2), "--out", str(root / "x")]), "gpt2", "model_type"
+    )
+    _one_line_error(
+        _invoke(
+            distill,
+            ["stage1", "--teacher", str(teacher), "--data", str(root / "nope.txt"), "--out", str(root / "x")],
+        ),
+        "nope.txt",
+    )
     bad_jsonl = root / "bad.jsonl"
     bad_jsonl.write_text(json.dumps({"body": "x"}) + "\n")
-    _one_line_error(_invoke(distill, ["stage1", "--teacher", str(teacher), "--data", str(bad_jsonl),
-                                      "--out", str(root / "x")]), "bad.jsonl", "'text'")
+    _one_line_error(
+        _invoke(
+            distill, ["stage1", "--teacher", str(teacher), "--data", str(bad_jsonl), "--out", str(root / "x")]
+        ),
+        "bad.jsonl",
+        "'text'",
+    )
 
     run = root / "run"  # written by the end-to-end test when it ran first; else make a checkpoint here
     if not (run / "stage1" / "config.json").is_file():
-        _invoke(distill, ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(run),
-                          "--tokens", "64", "--seq-len", "32", "--no-progress"])
+        _invoke(
+            distill,
+            [
+                "stage1",
+                "--teacher",
+                str(teacher),
+                "--data",
+                str(corpus),
+                "--out",
+                str(run),
+                "--tokens",
+                "64",
+                "--seq-len",
+                "32",
+                "--no-progress",
+            ],
+        )
     ckpt = run / "stage1"
     raw = json.loads((ckpt / "config.json").read_text())
 

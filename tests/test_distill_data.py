@@ -65,3 +65,17 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
         load_documents(str(tmp_path / "missing.txt"))
     data = build_token_data(load_documents(str(tmp_path / "a.txt")), tiny_tokenizer(), seq_len=8)
     assert data.train.shape[1] == 8 and data.heldout.shape[0] >= 1
+
+
+def test_teacher_samples_are_generated_once_and_cached(tmp_path, monkeypatch):
+    from distill.testing import tiny_teacher
+
+    monkeypatch.setenv("LLAMBA_CACHE", str(tmp_path))
+    torch.set_num_threads(1)
+    teacher, tok = tiny_teacher(), tiny_tokenizer()
+    docs = load_documents("teacher:3", teacher=teacher, tokenizer=tok)
+    assert len(docs) == 3 and all(isinstance(d, str) for d in docs)
+    cached = list((tmp_path / "data").glob("teacher-*.jsonl"))
+    assert len(cached) == 1
+    monkeypatch.setattr("distill.data.SEED_PROMPTS", [])  # a second call must not sample again
+    assert load_documents("teacher:3", teacher=teacher, tokenizer=tok) == docs

@@ -75,7 +75,7 @@ def test_attention_init_mixing_matrix_is_decayed_scaled_qk(teacher):
         expected = torch.zeros(b, heads, l, l)
         for i in range(l):
             for j in range(i + 1):
-                decay = log_a[:, j + 1:i + 1].sum(1).exp()  # (b, heads)
+                decay = log_a[:, j + 1 : i + 1].sum(1).exp()  # (b, heads)
                 expected[:, :, i, j] = (q[:, i] * k[:, j]).sum(-1) / hd**0.5 * decay
         assert torch.allclose(M, expected, atol=1e-5), (M - expected).abs().max()
         assert torch.equal(mixer.out_proj.weight, t_layer.self_attn.o_proj.weight)

@@ -35,8 +35,9 @@ def test_kd_loss_hand_computed():
     labels = torch.tensor([[1]])
     with_hard = kd_loss(student, teacher, labels=labels, hard_weight=0.5).item()
     assert with_hard == pytest.approx(ce - 0.5 * math.log(0.75), rel=1e-6)
-    ignored = kd_loss(student.expand(1, 2, 2), teacher.expand(1, 2, 2), labels=torch.tensor([[1, -100]]),
-                      hard_weight=0.5).item()
+    ignored = kd_loss(
+        student.expand(1, 2, 2), teacher.expand(1, 2, 2), labels=torch.tensor([[1, -100]]), hard_weight=0.5
+    ).item()
     assert ignored == pytest.approx(ce - 0.5 * math.log(0.75), rel=1e-6)
 
 

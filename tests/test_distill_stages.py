@@ -66,7 +66,9 @@ def test_stage1_trains_only_mixers_and_input_norms(setup, tmp_path):
     for (name, p0), p1 in zip(before.named_parameters(), after.parameters(), strict=True):
         if not torch.equal(p0, p1):
             assert ".mixer." in name or ".input_layernorm." in name, name
-    assert not torch.equal(before.backbone.layers[0].mixer.in_proj.weight, after.backbone.layers[0].mixer.in_proj.weight)
+    assert not torch.equal(
+        before.backbone.layers[0].mixer.in_proj.weight, after.backbone.layers[0].mixer.in_proj.weight
+    )
 
 
 def test_freeze_mlp_keeps_mlps(setup, tmp_path):
@@ -88,7 +90,9 @@ def test_killed_and_resumed_equals_uninterrupted(setup, tmp_path, stage):
 
     part = build_student(teacher.model, seed=0)
     with pytest.raises(Interrupted):
-        train_stage(spec, part, teacher, data, tmp_path / "b", cpu, progress=False, ckpt_every_s=1e9, stop_after=4)
+        train_stage(
+            spec, part, teacher, data, tmp_path / "b", cpu, progress=False, ckpt_every_s=1e9, stop_after=4
+        )
     assert (tmp_path / "b" / "resume.pt").is_file() and not (tmp_path / "b" / "DONE.json").exists()
     # a kill after the checkpoint may leave log lines that the checkpoint does not cover: they must go
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
@@ -98,7 +102,9 @@ def test_killed_and_resumed_equals_uninterrupted(setup, tmp_path, stage):
 
     for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
-    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    rows = [
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"
+    ]
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
     assert [r["step"] for r in rows[1]] == list(range(1, 7))
 
@@ -108,8 +114,18 @@ def test_resume_with_changed_settings_is_refused(setup, tmp_path):
     spec = default_spec(2, tokens=4 * 2 * 32, seq_len=32, batch_size=2)
     data = build_token_data(docs, teacher.tokenizer, 32)
     with pytest.raises(Interrupted):
-        train_stage(spec, build_student(teacher.model), teacher, data, tmp_path, torch.device("cpu"), progress=False,
-                    stop_after=1)
+        train_stage(
+            spec,
+            build_student(teacher.model),
+            teacher,
+            data,
+            tmp_path,
+            torch.device("cpu"),
+            progress=False,
+            stop_after=1,
+        )
     spec.lr = 1.0
     with pytest.raises(ValueError, match="different `lr`"):
-        train_stage(spec, build_student(teacher.model), teacher, data, tmp_path, torch.device("cpu"), progress=False)
+        train_stage(
+            spec, build_student(teacher.model), teacher, data, tmp_path, torch.device("cpu"), progress=False
+        )
