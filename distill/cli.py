@@ -129,10 +129,27 @@ def common_options(fn):
             help="Seconds between resumable checkpoints.",
         ),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
+        click.option(
+            "--strategy",
+            type=click.Choice(["auto", "fsdp", "ddp", "none"]),
+            default="auto",
+            show_default=True,
+            help="Data parallelism under torchrun: auto = FSDP2 with >1 process, none with 1; ddp: stage 3 only.",
+        ),
+        click.option(
+            "--activation-checkpointing", is_flag=True, help="Recompute each block's activations in backward."
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
     return fn
+
+
+def _is_main_process() -> bool:
+    """Under torchrun only rank 0 prints."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _spec_kwargs(o: dict) -> dict:
@@ -211,8 +228,12 @@ def _make_stage_command(stage: int):
             text_field=o["text_field"],
             progress=not o["no_progress"],
             ckpt_every_s=o["ckpt_every"],
+            strategy=o["strategy"],
+            activation_checkpointing=o["activation_checkpointing"],
             **_spec_kwargs(o),
         )
+        if not _is_main_process():
+            return
         click.echo(
             f"stage {stage}: {summary['tokens']} tokens, loss {summary['final_loss']:.4f}, "
             f"{summary['tok_s']:.0f} tok/s -> {o['out']}/stage{stage}"
@@ -256,8 +277,12 @@ def all_cmd(**o):
         eval_tokens=o["eval_tokens"],
         progress=not o["no_progress"],
         ckpt_every_s=o["ckpt_every"],
+        strategy=o["strategy"],
+        activation_checkpointing=o["activation_checkpointing"],
         **_spec_kwargs(o),
     )
+    if not _is_main_process():
+        return
     init = result["init"]
     click.echo(
         f"after init ({o['init']}): student ppl {init['student_ppl']:.2f} vs teacher {init['teacher_ppl']:.2f}"

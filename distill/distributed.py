@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,9 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         shutil.rmtree(tmp, ignore_errors=True)
     ctx.barrier()
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra or {}}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # one process without a process group is a supported DCP case
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra or {}}, checkpoint_id=str(tmp))
     ctx.barrier()
     if ctx.is_main:
         old = path.with_name(path.name + ".old")
@@ -169,7 +172,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     state = {"model": model_sd, "optim": optim_sd, "extra": dict(extra_template or {})}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return state["extra"]
 

@@ -24,6 +24,17 @@ from pathlib import Path
 import torch
 
 from distill.data import TokenData, build_token_data, load_documents
+from distill.distributed import (
+    DistContext,
+    bf16_supported,
+    check_memory_plan,
+    full_state_dict,
+    load_sharded,
+    memory_plan,
+    save_sharded,
+    unwrap,
+    wrap_student,
+)
 from distill.init import build_student
 from distill.plots import plot_stage
 from distill.schedule import wsd_lr
@@ -37,7 +48,7 @@ from distill.stages import (
 )
 from distill.teacher import load_teacher
 from llamba.config import LlambaConfig
-from llamba.model import LlambaForCausalLM
+from llamba.model import LlambaBlock, LlambaForCausalLM
 
 DEFAULT_TOTAL_TOKENS = 48_000  # ~12 min on the 2-core reference CPU (distill/README.md)
 REQUIRED_KEYS = (
@@ -198,6 +209,19 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _consolidated_student(model: torch.nn.Module, student: LlambaForCausalLM, ctx: DistContext):
+    """A plain LlambaForCausalLM with the full weights on rank 0 (gathered from the shards when sharded; every
+    rank must call this), None on the other ranks."""
+    if model is student and not hasattr(student, "unshard"):  # neither FSDP nor DDP: already plain
+        return student
+    state = full_state_dict(model)  # collective; only rank 0 receives the tensors
+    if not ctx.is_main:
+        return None
+    plain = LlambaForCausalLM(student.config)
+    plain.load_state_dict(state)
+    return plain
+
+
 def train_stage(
     spec: StageSpec,
     student: LlambaForCausalLM,
@@ -208,57 +232,66 @@ def train_stage(
     progress: bool = True,
     ckpt_every_s: float = 120.0,
     stop_after: int | None = None,
+    ctx: DistContext | None = None,
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
 ) -> dict:
-    """Train one stage from step 0 or from stage_dir/resume.pt; write the final checkpoint, metrics and plot.
+    """Train one stage from step 0 or from stage_dir/resume (a DCP checkpoint that loads on any number of
+    processes); write the final checkpoint, metrics and plot. The same loop serves one process and N
+    (torchrun): `ctx` shards each global batch across ranks, `strategy` shards (fsdp) or replicates (ddp) the
+    student, only rank 0 writes files and draws the progress bar.
 
     stop_after: raise Interrupted after that many optimizer steps of this call (a checkpoint is written first)."""
+    ctx = ctx or DistContext(device=device)
+    main = ctx.is_main
     stage_dir.mkdir(parents=True, exist_ok=True)
-    spec_file, resume_file, metrics_file = (
-        stage_dir / "spec.json",
-        stage_dir / "resume.pt",
-        stage_dir / "metrics.jsonl",
-    )
+    spec_file, resume_dir, metrics_file = stage_dir / "spec.json", stage_dir / "resume", stage_dir / "metrics.jsonl"
     if spec_file.is_file():
         old = json.loads(spec_file.read_text())
         diff = [k for k, v in spec.to_json().items() if old.get(k) != v]
-        if diff and resume_file.is_file():
+        if diff and resume_dir.is_dir():
             raise RunError(
                 f"{spec_file}: this stage was started with a different `{diff[0]}` "
                 f"({old.get(diff[0])!r} vs {spec.to_json()[diff[0]]!r}); use another --out or delete it"
             )
-    atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=1))
+    if strategy == "ddp" and spec.stage in (1, 2):
+        raise RunError("--strategy ddp runs stage 3 only (stages 1-2 train blocks one by one); use fsdp")
+    if main:
+        atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=1))
 
     student.to(device).train()
-    named = trainable_parameters(student, spec)
+    trainable_parameters(student, spec)
+    plan = memory_plan(student, teacher.model, ctx, strategy, spec.seq_len, spec.batch_size // ctx.world_size,
+                       activation_checkpointing)
+    plan_line = check_memory_plan(plan, ctx)
+    model = wrap_student(student, ctx, strategy, LlambaBlock, activation_checkpointing)
+    named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     opt = make_optimizer(named, spec)
     step, elapsed = 0, 0.0
     metrics = _read_metrics(metrics_file)
-    if resume_file.is_file():
-        ckpt = torch.load(resume_file, map_location=device, weights_only=False)
-        student.load_state_dict(ckpt["student"])
-        opt.load_state_dict(ckpt["optim"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        metrics = metrics[: ckpt["metric_lines"]]
-    atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in metrics))
+    if resume_dir.is_dir():
+        extra = load_sharded(resume_dir, model, opt, {"step": 0, "elapsed": 0.0, "metric_lines": 0})
+        step, elapsed = int(extra["step"]), float(extra["elapsed"])
+        metrics = metrics[: int(extra["metric_lines"])]
+    if main:
+        atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in metrics))
+    ctx.barrier()
 
     def checkpoint():
-        atomic_torch_save(
-            {
-                "student": student.state_dict(),
-                "optim": opt.state_dict(),
-                "step": step,
-                "elapsed": elapsed,
-                "metric_lines": len(metrics),
-            },
-            resume_file,
-        )
-        plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}") if metrics else None
+        save_sharded(resume_dir, model, opt, ctx, {"step": step, "elapsed": elapsed, "metric_lines": len(metrics)})
+        if main and metrics:
+            plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}")
 
-    loss_step = STAGE_STEPS[spec.stage](student, teacher.model, spec, device)
+    # Stages 1-2 call the student's blocks one by one (FSDP2 gathers each block's shards in its own hooks);
+    # stage 3 calls the whole model, through the DDP wrapper when there is one.
+    loss_step = STAGE_STEPS[spec.stage](model if spec.stage == 3 else student, teacher.model, spec, device)
     total = spec.total_steps
     last_ckpt, done_here = time.time(), 0
-    with _progress(progress) as bar, open(metrics_file, "a", encoding="utf-8") as log:
+    with _progress(progress and main) as bar, open(metrics_file, "a", encoding="utf-8") as log:
+        if progress and main:
+            bar.console.print(f"stage {spec.stage}: {ctx.world_size} process(es), strategy {strategy}; "
+                              f"memory plan: {plan_line}")
         task = bar.add_task(f"stage {spec.stage}", total=total, completed=step, loss=float("nan"), tok_s=0.0)
         while step < total:
             t0 = time.time()
@@ -267,8 +300,8 @@ def train_stage(
                 group["lr"] = lr
             losses, per_layer = [], None
             for micro in range(spec.grad_accum):
-                ids = data.batch(step * spec.grad_accum + micro, spec.batch_size, spec.seed).to(device)
-                loss, layers = loss_step(ids, 1.0 / spec.grad_accum)
+                ids = data.batch(step * spec.grad_accum + micro, spec.batch_size, spec.seed)  # the global batch
+                loss, layers = loss_step(ctx.shard(ids).to(device), 1.0 / spec.grad_accum)
                 losses.append(loss)
                 if layers is not None:
                     per_layer = (
@@ -276,7 +309,8 @@ def train_stage(
                         if per_layer is None
                         else [a + b for a, b in zip(per_layer, layers, strict=True)]
                     )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -285,29 +319,29 @@ def train_stage(
             row = {
                 "step": step,
                 "tokens": step * spec.tokens_per_step,
-                "loss": sum(losses) / len(losses),
+                "loss": ctx.all_reduce_mean(sum(losses) / len(losses)),
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tok_s": spec.tokens_per_step / dt,
                 "elapsed_s": round(elapsed, 3),
             }
             if per_layer is not None:
-                row["per_layer"] = [x / spec.grad_accum for x in per_layer]
+                row["per_layer"] = [ctx.all_reduce_mean(x / spec.grad_accum) for x in per_layer]
             metrics.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            if main:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
             bar.update(task, completed=step, loss=row["loss"], tok_s=row["tok_s"])
             done_here += 1
             stop = stop_after is not None and done_here >= stop_after
-            if step < total and (stop or time.time() - last_ckpt >= ckpt_every_s):
+            due = ctx.broadcast_object(time.time() - last_ckpt >= ckpt_every_s)  # all ranks checkpoint together
+            if step < total and (stop or due):
                 checkpoint()
                 last_ckpt = time.time()
             if stop and step < total:
                 raise Interrupted(f"stopped after {done_here} steps (step {step}/{total})")
 
-    student.eval()
-    save_student(student, stage_dir, teacher.tokenizer)
-    plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}")
+    final = _consolidated_student(model, student, ctx)
     tail = metrics[-max(1, len(metrics) // 10) :]
     summary = {
         "stage": spec.stage,
@@ -316,13 +350,19 @@ def train_stage(
         "final_loss": sum(m["loss"] for m in tail) / len(tail),
         "elapsed_s": round(elapsed, 1),
         "tok_s": round(total * spec.tokens_per_step / max(elapsed, 1e-9), 1),
+        "world_size": ctx.world_size,
     }
     if tail and "per_layer" in tail[-1]:
         summary["per_layer"] = [
             sum(m["per_layer"][i] for m in tail) / len(tail) for i in range(len(tail[-1]["per_layer"]))
         ]
-    atomic_write_text(stage_dir / "DONE.json", json.dumps(summary, indent=1))
-    resume_file.unlink(missing_ok=True)
+    if main:
+        final.eval()
+        save_student(final, stage_dir, teacher.tokenizer)
+        plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}")
+        atomic_write_text(stage_dir / "DONE.json", json.dumps(summary, indent=1))
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    ctx.barrier()
     return summary
 
 
@@ -337,9 +377,12 @@ def stage_start(
     init_from: str | Path | None,
     seed: int,
     device: torch.device,
+    ctx: DistContext | None = None,
 ) -> LlambaForCausalLM:
     """The student a stage starts from: --init-from, else the previous stage of this run, else (stage 1) the
-    initialized student saved under RUN_DIR/init (built once, so re-runs start from the same weights)."""
+    initialized student saved under RUN_DIR/init (built once by rank 0, so re-runs and all ranks start from the
+    same weights)."""
+    ctx = ctx or DistContext(device=device)
     if init_from is not None:
         return load_student(init_from, device)
     if stage > 1:
@@ -351,12 +394,12 @@ def stage_start(
             )
         return load_student(prev, device)
     init_dir = out / "init"
-    if (init_dir / "config.json").is_file():
-        return load_student(init_dir, device)
-    student = build_student(teacher.model, init=init, seed=seed)
-    save_student(student, init_dir, teacher.tokenizer)
-    atomic_write_text(init_dir / "init.json", json.dumps({"init": init, "seed": seed}))
-    return student.to(device)
+    if ctx.is_main and not (init_dir / "config.json").is_file():
+        student = build_student(teacher.model, init=init, seed=seed)
+        save_student(student, init_dir, teacher.tokenizer)
+        atomic_write_text(init_dir / "init.json", json.dumps({"init": init, "seed": seed}))
+    ctx.barrier()
+    return load_student(init_dir, device)
 
 
 def distill_stage(
@@ -373,24 +416,29 @@ def distill_stage(
     ckpt_every_s: float = 120.0,
     stop_after: int | None = None,
     docs: list[str] | None = None,
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
     **spec_overrides,
 ) -> dict:
     """Run (or resume, or skip when finished) stage 1, 2 or 3 in RUN_DIR `out`. spec_overrides: any StageSpec
     field (seq_len, batch_size, grad_accum, lr, seed, precision, temperature, hard_weight, freeze_mlp,
-    mixer_only, ...). Returns the stage summary (also in RUN_DIR/stageK/DONE.json)."""
+    mixer_only, ...). Under torchrun every rank runs this same call (see distill/distributed.py).
+    Returns the stage summary (also in RUN_DIR/stageK/DONE.json)."""
     out = Path(out)
     stage_dir = out / f"stage{stage}"
     if (stage_dir / "DONE.json").is_file():
         return json.loads((stage_dir / "DONE.json").read_text())
-    dev = resolve_device(device)
-    t = get_teacher(teacher, dev)
+    ctx = DistContext.from_env(None if device == "auto" else device)
+    dev = ctx.device
+    t = get_teacher(teacher, dev, torch.bfloat16 if bf16_supported(dev) else torch.float32)
     tokens = tokens if tokens is not None else split_budget(DEFAULT_TOTAL_TOKENS)[stage]
     spec = default_spec(stage, tokens, **spec_overrides)
     if docs is None:
         docs = load_documents(data, text_field, t.model, t.tokenizer)
     token_data = build_token_data(docs, t.tokenizer, spec.seq_len)
-    student = stage_start(out, stage, t, init, init_from, spec.seed, dev)
-    return train_stage(spec, student, t, token_data, stage_dir, dev, progress, ckpt_every_s, stop_after)
+    student = stage_start(out, stage, t, init, init_from, spec.seed, dev, ctx)
+    return train_stage(spec, student, t, token_data, stage_dir, dev, progress, ckpt_every_s, stop_after, ctx,
+                       strategy, activation_checkpointing)
 
 
 def distill_all(
@@ -405,6 +453,8 @@ def distill_all(
     progress: bool = True,
     ckpt_every_s: float = 120.0,
     stage_overrides: dict | None = None,
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
     **spec_overrides,
 ) -> dict:
     """The main job: init -> stage 1 -> stage 2 -> stage 3 -> held-out evaluation, resumable at any point.
@@ -416,21 +466,23 @@ def distill_all(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    t = get_teacher(teacher, dev)
+    ctx = DistContext.from_env(None if device == "auto" else device)
+    dev = ctx.device
+    t = get_teacher(teacher, dev, torch.bfloat16 if bf16_supported(dev) else torch.float32)
     docs = load_documents(data, text_field, t.model, t.tokenizer)
     budget = split_budget(tokens)
     seed = spec_overrides.get("seed") or 0
     result = {"out": str(out), "stages": {}}
 
     init_eval = out / "init" / "eval.json"
-    student = stage_start(out, 1, t, init, None, seed, dev)
-    if not init_eval.is_file():
+    student = stage_start(out, 1, t, init, None, seed, dev, ctx)
+    if ctx.is_main and not init_eval.is_file():
         held = build_token_data(docs, t.tokenizer, 256).heldout
         n = max(1, min(held.shape[0], eval_tokens // 256))
         atomic_write_text(
             init_eval, json.dumps(evaluate_tokens(student, t.model, held[:n].to(dev), per_layer=False))
         )
+    ctx.barrier()
     result["init"] = json.loads(init_eval.read_text())
     del student
 
@@ -446,15 +498,18 @@ def distill_all(
             progress=progress,
             ckpt_every_s=ckpt_every_s,
             docs=docs,
+            strategy=strategy,
+            activation_checkpointing=activation_checkpointing,
             **overrides,
         )
     eval_file = out / "eval.json"
-    if not eval_file.is_file():
+    if ctx.is_main and not eval_file.is_file():
         atomic_write_text(
             eval_file,
             json.dumps(
                 evaluate(out / "stage3", t, docs=docs, max_tokens=eval_tokens, device=device), indent=1
             ),
         )
+    ctx.barrier()
     result["eval"] = json.loads(eval_file.read_text())
     return result

@@ -40,7 +40,7 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage, kw):
     assert last < 0.9 * first, (first, last)
     assert summary["steps"] == 24 and len(metrics) == 24
     assert (tmp_path / "DONE.json").is_file() and (tmp_path / "loss.png").is_file()
-    assert not (tmp_path / "resume.pt").exists()
+    assert not (tmp_path / "resume").exists()
     if stage in (1, 2):
         assert len(metrics[-1]["per_layer"]) == 2
 
@@ -93,11 +93,11 @@ def test_killed_and_resumed_equals_uninterrupted(setup, tmp_path, stage):
         train_stage(
             spec, part, teacher, data, tmp_path / "b", cpu, progress=False, ckpt_every_s=1e9, stop_after=4
         )
-    assert (tmp_path / "b" / "resume.pt").is_file() and not (tmp_path / "b" / "DONE.json").exists()
+    assert (tmp_path / "b" / "resume").is_dir() and not (tmp_path / "b" / "DONE.json").exists()
     # a kill after the checkpoint may leave log lines that the checkpoint does not cover: they must go
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "tokens": 0, "loss": 123.0}) + "\n")
-    resumed = build_student(teacher.model, seed=99)  # the weights come from resume.pt, not from here
+    resumed = build_student(teacher.model, seed=99)  # the weights come from the resume checkpoint, not from here
     train_stage(spec, resumed, teacher, data, tmp_path / "b", cpu, progress=False)
 
     for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
