@@ -82,11 +82,12 @@ def evaluate(
     """model: a Llamba checkpoint directory or a LlambaForCausalLM; teacher: a spec for load_teacher, a
     (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used). Evaluates on up to
     max_tokens held-out tokens in rows of seq_len. Returns the metrics dict of `evaluate_tokens`."""
-    from distill.run import get_teacher, load_student, resolve_device
+    from distill.run import get_teacher, resolve_device
+    from llamba.checkpoints import load_model
 
     dev = resolve_device(device)
     t = get_teacher(teacher, dev)
-    student = load_student(model, dev) if isinstance(model, (str, Path)) else model.to(dev)
+    student = load_model(model, device=dev) if isinstance(model, (str, Path)) else model.to(dev)
     if student.config.vocab_size != t.model.config.vocab_size:
         raise ValueError(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size "

@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,20 +46,10 @@ from distill.stages import (
     trainable_parameters,
 )
 from distill.teacher import load_teacher
-from llamba.config import LlambaConfig
+from llamba.checkpoints import load_model
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
 DEFAULT_TOTAL_TOKENS = 48_000  # ~12 min on the 2-core reference CPU (distill/README.md)
-REQUIRED_KEYS = (
-    "vocab_size",
-    "d_model",
-    "n_layer",
-    "intermediate_size",
-    "d_state",
-    "n_v_heads",
-    "n_qk_heads",
-)
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class RunError(ValueError):
@@ -106,17 +95,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_student(student: LlambaForCausalLM, dest: Path, tokenizer=None) -> None:
     """save_pretrained (and the teacher's tokenizer, so the checkpoint is self-contained) into a temporary folder
     inside dest, then move each file into dest with os.replace, config.json last."""
@@ -130,58 +108,6 @@ def save_student(student: LlambaForCausalLM, dest: Path, tokenizer=None) -> None
             os.replace(f, dest / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_student(path: str | Path, device: torch.device | str = "cpu") -> LlambaForCausalLM:
-    """A Llamba checkpoint directory -> model. Unknown config keys warn; missing keys, bad dtypes and shape
-    mismatches raise RunError naming the file and field."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise RunError(f"{cfg_file}: not found (expected a Llamba checkpoint directory)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{cfg_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if raw.get("model_type") != "llamba":
-        raise RunError(f"{cfg_file}: field `model_type` is {raw.get('model_type')!r}, not 'llamba'")
-    for key in REQUIRED_KEYS:
-        if key not in raw:
-            raise RunError(f"{cfg_file}: missing required field `{key}`")
-    dtype = raw.get("dtype") or "float32"
-    if dtype not in SUPPORTED_DTYPES:
-        raise RunError(f"{cfg_file}: field `dtype` is {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
-    known = LlambaConfig().known_keys()
-    unknown = sorted(set(raw) - known - set(LlambaConfig().to_dict()))
-    if unknown:
-        warnings.warn(f"{cfg_file}: ignoring unknown config keys {unknown}", stacklevel=2)
-    try:
-        config = LlambaConfig.from_pretrained(path)
-    except ValueError as e:
-        raise RunError(f"{cfg_file}: {e}") from None
-    model = LlambaForCausalLM(config)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise RunError(f"{weights}: not found")
-    from safetensors.torch import load_file
-
-    state = load_file(weights)
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if name in expected and expected[name].shape != tensor.shape:
-            raise RunError(
-                f"{weights}: tensor `{name}` has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(expected[name].shape)}"
-            )
-    missing = [
-        k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)
-    ]
-    if missing:
-        raise RunError(f"{weights}: missing tensor `{missing[0]}` ({len(missing)} missing)")
-    model.load_state_dict(state, strict=False)
-    if config.tie_embeddings:
-        model.tie_weights()
-    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,7 +310,7 @@ def stage_start(
     same weights)."""
     ctx = ctx or DistContext(device=device)
     if init_from is not None:
-        return load_student(init_from, device)
+        return load_model(init_from, device=device)
     if stage > 1:
         prev = out / f"stage{stage - 1}"
         if not (prev / "DONE.json").is_file():
@@ -392,14 +318,14 @@ def stage_start(
                 f"{prev}/DONE.json: stage {stage - 1} has not finished in this run; run it first "
                 "(or pass --init-from CHECKPOINT)"
             )
-        return load_student(prev, device)
+        return load_model(prev, device=device)
     init_dir = out / "init"
     if ctx.is_main and not (init_dir / "config.json").is_file():
         student = build_student(teacher.model, init=init, seed=seed)
         save_student(student, init_dir, teacher.tokenizer)
         atomic_write_text(init_dir / "init.json", json.dumps({"init": init, "seed": seed}))
     ctx.barrier()
-    return load_student(init_dir, device)
+    return load_model(init_dir, device=device)
 
 
 def distill_stage(

@@ -8,10 +8,10 @@ config.json (flat LlambaConfig fields vs cartesia's nested `mlp_cfg` / `ssm_cfg`
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +19,8 @@ import torch
 from llamba.config import ConfigError, LlambaConfig
 from llamba.model import LlambaForCausalLM
 
-log = logging.getLogger(__name__)
+REQUIRED_FIELDS = ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads", "n_qk_heads")
+SAVED_DTYPES = ("float32", "bfloat16", "float16")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -65,21 +66,24 @@ def read_config(path: str | Path) -> tuple[LlambaConfig, str]:
         if raw.get("model_type") != "llamba":
             raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, not 'llamba'; "
                                   "distill a Llama teacher first (llamba distill) or pass a Llamba checkpoint")
-        required = ("vocab_size", "d_model", "n_layer", "intermediate_size")
-        missing = [k for k in required if k not in raw]
+        missing = [k for k in REQUIRED_FIELDS if k not in raw]
         if missing:
             raise CheckpointError(f"{file} is missing required field {missing[0]!r}")
+        dtype = raw.get("dtype") or "float32"
+        if dtype not in SAVED_DTYPES:
+            raise CheckpointError(f"{file}: field `dtype` is {dtype!r}; supported: {', '.join(SAVED_DTYPES)}")
         cfg = LlambaConfig.from_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
     unknown = sorted(set(raw) - cfg.known_keys() - set(LlambaConfig().to_dict()))
     if unknown:
-        log.warning("%s: ignoring unknown config keys %s", file, unknown)
+        warnings.warn(f"{file}: ignoring unknown config keys {unknown}", stacklevel=3)
     return cfg, "llamba"
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (safetensors, sharded safetensors, or pytorch_model.bin)."""
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of a checkpoint directory (safetensors, sharded safetensors, or pytorch_model.bin).
+    Returns (tensors by name, file each name came from)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -89,13 +93,15 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not files:
         raise CheckpointError(f"{path} holds no weights (model.safetensors or pytorch_model.bin)")
     weights: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
     for f in files:
         try:
             part = load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or corrupt file: name it, no traceback
             raise CheckpointError(f"{f} is corrupt or truncated ({type(e).__name__}); re-save or re-download it") from None
         weights.update(part)
-    return weights
+        origin.update(dict.fromkeys(part, f))
+    return weights, origin
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -103,7 +109,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     """Load a Llamba checkpoint of either layout. Shape or key mismatches raise CheckpointError."""
     torch_dtype = parse_dtype(dtype)
     config, layout = read_config(path)
-    weights = read_weights(path)
+    weights, origin = read_weights(path)
     weights = {k.removeprefix("model."): v for k, v in weights.items()} if layout == "cartesia" else weights
     with torch.device("meta"):
         model = LlambaForCausalLM(config)
@@ -113,11 +119,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         expected.pop("lm_head.weight", None)
     for name, tensor in weights.items():
         if name not in expected:
-            raise CheckpointError(f"{path}: unexpected weight {name!r} for this config (is config.json the one "
-                                  "saved with these weights?)")
+            raise CheckpointError(f"{origin.get(name, path)}: unexpected weight {name!r} for this config (is "
+                                  "config.json the one saved with these weights?)")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: weight {name!r} has shape {tuple(tensor.shape)} but config.json implies "
-                                  f"{tuple(expected[name].shape)}")
+            raise CheckpointError(f"{origin.get(name, path)}: weight {name!r} has shape {tuple(tensor.shape)} but "
+                                  f"config.json implies {tuple(expected[name].shape)}")
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise CheckpointError(f"{path}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
