@@ -80,13 +80,13 @@ def run_env_grid(args: tuple[str, str | None, str]) -> dict:
     }
 
 
-def section(throughput: dict, results: list[dict], note: str) -> str:
+def section(throughput: dict, results: list[dict], note: str, title: str = "In-context RL") -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import torch
 
     out = [
         "",
-        "## In-context RL",
+        f"## {title}",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
         f"jobs), torch {torch.__version__}, numpy {np.__version__}; {now}. Script: `bench/bench_icrl.py`.",
@@ -112,7 +112,7 @@ def section(throughput: dict, results: list[dict], note: str) -> str:
             f"(batch {r['batch']}, context {r['context']} transitions, d_model {r['d_model']}); score = return / "
             f"optimal on 16 held-out tasks, mean of the last 3 of {r['eval_episodes']} in-context episodes "
             f"({'greedy' if r['greedy'] else 'sampled'} actions); held-out loss = lowest action cross-entropy over "
-            "the draws on Q-learning histories recorded on the held-out tasks (uniform policy: ln 5 = 1.609).",
+            "the draws on histories of the data source recorded on the held-out tasks (uniform policy: ln 5 = 1.609).",
             "",
         ]
         out.append(
@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_icrl"))
     p.add_argument("--sequential", action="store_true", help="run the env grids one after another")
     p.add_argument("--note", default="", help="a line added to the BENCHMARKS.md section")
+    p.add_argument("--title", default="In-context RL", help="heading of the BENCHMARKS.md section")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args()
     envs = [e for e in args.envs.split(",") if e]
@@ -156,7 +157,7 @@ def main() -> None:
     else:
         with mp.get_context("spawn").Pool(len(jobs)) as pool:
             results = pool.map(run_env_grid, jobs)
-    text = section(throughput, results, args.note)
+    text = section(throughput, results, args.note, args.title)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench.json").write_text(

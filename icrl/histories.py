@@ -184,6 +184,18 @@ def improvement(h: Histories, frac: float = 0.1) -> dict:
     return {"first": float(first), "last": float(last), "improves": bool(last > first)}
 
 
+def window_improvement(h: Histories, episodes: int) -> float:
+    """Mean gain in normalised return from the first to the last episode of every window of ``episodes``
+    consecutive episodes: how much policy improvement one AD context shows. AD can only distil an improvement
+    operator it can see inside its context; Q-learning histories of 60 Dark Room episodes gain ~0.01-0.03 per
+    3-episode window, which the model reads as noise."""
+    e = h.returns.shape[1]
+    if episodes < 2 or e < episodes:
+        return 0.0
+    r = h.returns / EnvSpec(h.env, h.env_kwargs).optimal_return(h.tasks)[:, None]
+    return float((r[:, episodes - 1 :] - r[:, : e - episodes + 1]).mean())
+
+
 def generate(spec: EnvSpec, cfg: DataConfig, progress=None) -> tuple[Histories, dict]:
     """Histories on the seeded training split; returns them and a summary (transitions, improvement)."""
     train, _ = spec.split(cfg.n_train_tasks, cfg.n_test_tasks, seed=cfg.split_seed)

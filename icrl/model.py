@@ -36,6 +36,9 @@ class ADConfig:
     ngram_orders: list[int] = field(default_factory=lambda: [1])  # one fixed head per order, summed
     ngram_key: str = "state"  # "state" or "sar"
     ngram_permuted: bool = False  # control: same sparsity, random causal positions
+    # "cell": one embedding per cell index; "rowcol": Emb(row) + Emb(col) of the square grid, so a goal cell
+    # never seen as a goal in training still shares its row and column features with seen ones
+    state_emb: str = "cell"
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -52,6 +55,10 @@ class ADConfig:
             )
         if self.ngram_key not in ("state", "sar"):
             raise ValueError(f"model.ngram_key must be 'state' or 'sar', got {self.ngram_key!r}")
+        if self.state_emb not in ("cell", "rowcol"):
+            raise ValueError(f"model.state_emb must be 'cell' or 'rowcol', got {self.state_emb!r}")
+        if self.state_emb == "rowcol" and math.isqrt(self.num_states) ** 2 != self.num_states:
+            raise ValueError(f"model.state_emb='rowcol' needs a square grid; num_states={self.num_states}")
         for name in ("dropout", "attn_dropout", "emb_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be in [0, 1)")
@@ -113,7 +120,11 @@ class ADTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.emb_s = nn.Embedding(cfg.num_states, d)
+        self.size = math.isqrt(cfg.num_states)
+        if cfg.state_emb == "rowcol":
+            self.emb_row, self.emb_col = nn.Embedding(self.size, d), nn.Embedding(self.size, d)
+        else:
+            self.emb_s = nn.Embedding(cfg.num_states, d)
         self.emb_a = nn.Embedding(cfg.num_actions + 1, d)  # + pad at a history start
         self.emb_r = nn.Embedding(cfg.num_rewards + 1, d)  # + pad
         self.emb_pos = nn.Embedding(cfg.seq_len, d)
@@ -134,6 +145,11 @@ class ADTransformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def embed_states(self, states):  # (b, l) cell indices -> (b, l, d)
+        if self.cfg.state_emb == "rowcol":
+            return self.emb_row(states // self.size) + self.emb_col(states % self.size)
+        return self.emb_s(states)
+
     def ngram_matrices(self, states, prev_actions, prev_rewards) -> torch.Tensor:
         """-> (k, b, l, l) fixed successor matrices, one per order (permuted in the control variant)."""
         c = self.cfg
@@ -149,7 +165,7 @@ class ADTransformer(nn.Module):
         if l > self.cfg.seq_len:
             raise ValueError(f"sequence of {l} transitions is longer than seq_len={self.cfg.seq_len}")
         pos = torch.arange(l, device=states.device)
-        x = self.emb_s(states) + self.emb_a(prev_actions) + self.emb_r(prev_rewards) + self.emb_pos(pos)
+        x = self.embed_states(states) + self.emb_a(prev_actions) + self.emb_r(prev_rewards) + self.emb_pos(pos)
         x = self.emb_drop(x)
         a = self.ngram_matrices(states, prev_actions, prev_rewards) if self.cfg.ngram_layers else None
         for block in self.blocks:

@@ -91,7 +91,7 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, progress=None, log=print) -
         )
         log(
             f"budget {b_i}: {info['transitions']:,} transitions ({info['histories']} histories), "
-            f"Q-learning first/last return {info['first']:.2f} -> {info['last']:.2f} of optimal"
+            f"{data_cfg.source} first/last return {info['first']:.2f} -> {info['last']:.2f} of optimal"
         )
         for method, overrides in g.methods.items():
             for draw in range(g.draws):

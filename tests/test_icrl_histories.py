@@ -119,3 +119,21 @@ def test_noisy_oracle_source_reaches_optimal(env):
     assert info["improves"] and info["last"] == pytest.approx(1.0)  # epsilon 0 for the last 10%: optimal
     with pytest.raises(ValueError):
         DataConfig(source="a3c")
+
+
+def test_shipped_darkroom_context_shows_improvement():
+    """Regression for the non-learning AD baseline: the shipped Dark Room data must show clear improvement
+    inside one context window (old config: Q-learning over 60 episodes gained ~0.02 of optimal per 3-episode
+    window, so there was no in-context improvement for AD to distil)."""
+    from dataclasses import replace
+
+    from icrl.config import load_config
+    from icrl.histories import window_improvement
+
+    cfg = load_config("darkroom")
+    assert cfg.model.seq_len >= 4 * cfg.spec.horizon  # a context of at least 4 episodes
+    h, _ = generate(cfg.spec, replace(cfg.data, n_train_tasks=16))
+    assert window_improvement(h, cfg.context_episodes) > 0.2
+    old = replace(cfg.data, n_train_tasks=16, source="qlearning", episodes_per_history=60, eps_decay_frac=0.9)
+    h_old, _ = generate(cfg.spec, old)
+    assert window_improvement(h_old, 3) < 0.05

@@ -110,3 +110,60 @@ def test_heldout_loss_matches_manual_cross_entropy():
     _, _, _, target = WindowSampler(h, 20, 5, 2, seed=0).sample(16)
     logp = torch.log_softmax(torch.tensor([-10.0, -10.0, 10.0, -10.0, -10.0]), -1)
     assert heldout_loss(model, h, windows=16) == pytest.approx(float(-logp[target].mean()), rel=1e-5)
+
+
+def test_eval_context_tokens_match_training_windows():
+    """Train/eval parity (checked while diagnosing the non-learning AD baseline): the context the evaluator
+    feeds for a trajectory is token for token what WindowSampler builds from the same trajectory stored as a
+    history, across episode boundaries (s_t with a_{t-1}, r_{t-1}; pads only at the history start)."""
+    from icrl.histories import Histories
+    from icrl.train import WindowSampler
+
+    seen = []
+
+    class Recorder(Scripted):
+        def forward(self, states, prev_actions, prev_rewards):
+            seen.append((states.clone(), prev_actions.clone(), prev_rewards.clone()))
+            return super().forward(states, prev_actions, prev_rewards)
+
+    spec = EnvSpec("darkroom")
+    model = Recorder(ADConfig(seq_len=60))
+    in_context_returns(model, spec, np.array([44]), EvalConfig(episodes=3, last_k=1))  # goal: right wall
+    s_eval, pa_eval, pr_eval = seen[-1]  # last step: the whole 3-episode trajectory, 60 tokens
+    env, states, rewards = spec.batched(np.array([44])), [], []
+    for _ in range(3):  # replay: always "right"
+        obs = env.reset()
+        for _ in range(20):
+            states.append(int(obs[0]))
+            obs, rew, _, _ = env.step(np.array([2]))
+            rewards.append(int(rew[0]))
+    h = Histories(
+        np.array(states, np.int16),
+        np.full(60, 2, np.int8),
+        np.array(rewards, np.int8),
+        np.array([0, 60]),
+        np.zeros((1, 3)),
+        np.array([44]),
+        "darkroom",
+        dict(spec.kwargs),
+    )
+    s, pa, pr, target = WindowSampler(h, 60, 5, 2).sample(1)
+    assert torch.equal(s, s_eval) and torch.equal(pa, pa_eval) and torch.equal(pr, pr_eval)
+    assert (target == 2).all() and pr[0, 20] == 1  # the first token of episode 2 carries the last reward
+
+
+def test_rowcol_state_embedding_shares_row_and_column_features():
+    torch.manual_seed(0)
+    model = ADTransformer(ADConfig(seq_len=4, d_model=16, n_heads=2, state_emb="rowcol"))
+    e = model.embed_states(torch.tensor([[0, 1, 9, 10]]))[0]  # cells (0,0), (0,1), (1,0), (1,1)
+    torch.testing.assert_close(e[0] + e[3], e[1] + e[2])  # additive in row and column
+    back = ADTransformer.from_checkpoint(model.checkpoint())
+    model.eval(), back.eval()  # default dropout 0.1
+    s = torch.tensor([[40, 41, 42, 43]])
+    torch.testing.assert_close(
+        back(s, torch.zeros_like(s), torch.zeros_like(s)), model(s, torch.zeros_like(s), torch.zeros_like(s))
+    )
+    with pytest.raises(ValueError, match="state_emb"):
+        ADConfig(state_emb="onehot")
+    with pytest.raises(ValueError, match="square"):
+        ADConfig(num_states=80, state_emb="rowcol")
