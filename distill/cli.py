@@ -152,6 +152,23 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _run_kwargs(o: dict) -> dict:
+    """The options every `distill` command passes to distill.run the same way."""
+    return dict(
+        teacher=o["teacher"],
+        out=o["out"],
+        data=o["data"],
+        init=o["init"],
+        device=o["device"],
+        text_field=o["text_field"],
+        progress=not o["no_progress"],
+        ckpt_every_s=o["ckpt_every"],
+        strategy=o["strategy"],
+        activation_checkpointing=o["activation_checkpointing"],
+        **_spec_kwargs(o),
+    )
+
+
 def _spec_kwargs(o: dict) -> dict:
     keys = (
         "seq_len",
@@ -218,19 +235,9 @@ def _make_stage_command(stage: int):
 
         summary = distill_stage(
             stage,
-            teacher=o["teacher"],
-            out=o["out"],
-            data=o["data"],
             tokens=o["tokens"],
-            init=o["init"],
             init_from=o["init_from"],
-            device=o["device"],
-            text_field=o["text_field"],
-            progress=not o["no_progress"],
-            ckpt_every_s=o["ckpt_every"],
-            strategy=o["strategy"],
-            activation_checkpointing=o["activation_checkpointing"],
-            **_spec_kwargs(o),
+            **_run_kwargs(o),
         )
         if not _is_main_process():
             return
@@ -267,19 +274,9 @@ def all_cmd(**o):
     from distill.run import DEFAULT_TOTAL_TOKENS, distill_all
 
     result = distill_all(
-        teacher=o["teacher"],
-        out=o["out"],
-        data=o["data"],
         tokens=o["tokens"] or DEFAULT_TOTAL_TOKENS,
-        init=o["init"],
-        device=o["device"],
-        text_field=o["text_field"],
         eval_tokens=o["eval_tokens"],
-        progress=not o["no_progress"],
-        ckpt_every_s=o["ckpt_every"],
-        strategy=o["strategy"],
-        activation_checkpointing=o["activation_checkpointing"],
-        **_spec_kwargs(o),
+        **_run_kwargs(o),
     )
     if not _is_main_process():
         return

@@ -49,7 +49,7 @@ from distill.teacher import load_teacher
 from llamba.checkpoints import load_model
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
-DEFAULT_TOTAL_TOKENS = 48_000  # ~12 min on the 2-core reference CPU (distill/README.md)
+DEFAULT_TOTAL_TOKENS = 24_000  # 12,000 took 11 min of training on the shared 2-core CPU (BENCHMARKS.md)
 
 
 class RunError(ValueError):
