@@ -7,6 +7,7 @@ import json
 
 import click
 
+from distill.distributed import STRATEGIES
 from distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN
 
 ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
@@ -131,7 +132,7 @@ def common_options(fn):
         click.option("--no-progress", is_flag=True, help="No progress bar."),
         click.option(
             "--strategy",
-            type=click.Choice(["auto", "fsdp", "ddp", "none"]),
+            type=click.Choice(STRATEGIES),
             default="auto",
             show_default=True,
             help="Data parallelism under torchrun: auto = FSDP2 with >1 process, none with 1; ddp: stage 3 only.",
