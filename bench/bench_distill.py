@@ -3,6 +3,7 @@
     python bench/bench_distill.py init        # both mixer inits: held-out ppl + per-layer error right after init
     python bench/bench_distill.py throughput  # stage-3 training tok/s vs the teacher's own forward+backward
     python bench/bench_distill.py report RUN_DIR [RUN_DIR ...]   # per-stage errors / ppl of finished runs
+    python bench/bench_distill.py stream      # --stream on a large JSONL: tok/s, resume latency, peak memory
 
 Each prints one JSON line per measurement.
 """
@@ -89,6 +90,63 @@ def bench_throughput(batch: int = 2, seq_len: int = 128, reps: int = 3, chunk_si
         )
 
 
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_stream(copies: int = 120, seq_len: int = 256, batches: int = 1000, batch: int = 8, shards: int = 8) -> None:
+    """The embedded teacher's tokenizer on a JSONL of `copies` x the default corpus: open (held-out scan), streamed
+    tokens/s of packed rows, time to the first batch after a restore deep in the stream, and the growth of the
+    process's resident memory, then the same file loaded in memory (`load_documents`) for comparison."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from distill.data import load_documents, python_docs_corpus
+    from distill.distributed import DistContext
+    from distill.stream import TokenStream, open_source
+    from distill.teacher import embedded_gguf
+
+    gguf = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    docs = python_docs_corpus()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "corpus.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for c in range(copies):
+                for d in docs:
+                    f.write(json.dumps({"text": f"[{c}] {d}"}) + "\n")
+        ctx, rss0 = DistContext(), _rss_mib()
+        t0 = time.time()
+        stream = TokenStream(open_source(str(path)), tok, seq_len, shards)
+        t_open = time.time() - t0
+        t0 = time.time()
+        for i in range(batches):
+            stream.local_batch(i, batch, 0, ctx)
+        tok_s = batches * batch * seq_len / (time.time() - t0)
+        position = stream.position(ctx)
+        t0 = time.time()
+        again = TokenStream(open_source(str(path)), tok, seq_len, shards)
+        again.restore(position)
+        again.local_batch(batches, batch, 0, ctx)
+        t_resume = time.time() - t0
+        rss_stream = _rss_mib() - rss0
+        t0 = time.time()
+        loaded = load_documents(str(path), max_docs=10**9)
+        t_load = time.time() - t0
+        print(json.dumps({
+            "bench": "stream", "file_mib": round(path.stat().st_size / 2**20, 1), "docs": len(loaded),
+            "seq_len": seq_len, "shards": shards, "open_s": round(t_open, 2), "stream_tok_s": round(tok_s),
+            "resume_first_batch_s": round(t_resume, 2), "rss_growth_stream_mib": round(rss_stream),
+            "load_documents_s": round(t_load, 2),
+            "rss_growth_load_documents_mib": round(_rss_mib() - rss0),
+        }), flush=True)
+
+
 def report(run_dirs: list[str]) -> None:
     for run in map(Path, run_dirs):
         row = {"bench": "run", "run": str(run)}
@@ -108,6 +166,8 @@ if __name__ == "__main__":
         bench_init()
     elif cmd == "throughput":
         bench_throughput()
+    elif cmd == "stream":
+        bench_stream()
     elif cmd == "report":
         report(sys.argv[2:])
     else:

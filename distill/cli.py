@@ -7,7 +7,7 @@ import json
 
 import click
 
-from distill.distributed import STRATEGIES
+from distill.distributed import STRATEGIES, TEACHER_STRATEGIES
 from distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN
 
 ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
@@ -101,7 +101,8 @@ def common_options(fn):
             type=click.Choice(["auto", "bf16", "fp32"]),
             default="auto",
             show_default=True,
-            help="auto = bf16 autocast on a GPU that supports it, fp32 on CPU.",
+            help="auto = bf16 on a GPU that supports it (FSDP2: bf16 params/compute, fp32 master weights and "
+            "reductions; DDP / one process: bf16 autocast), fp32 on CPU; fp32 turns both off.",
         ),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N"),
         click.option(
@@ -135,10 +136,32 @@ def common_options(fn):
             type=click.Choice(STRATEGIES),
             default="auto",
             show_default=True,
-            help="Data parallelism under torchrun: auto = FSDP2 with >1 process, none with 1; ddp: stage 3 only.",
+            help="Student data parallelism under torchrun: auto = FSDP2 with >1 process, none with 1; ddp "
+            "replicates (stage 3: the model, stages 1-2: each block).",
+        ),
+        click.option(
+            "--teacher-strategy",
+            type=click.Choice(TEACHER_STRATEGIES),
+            default="auto",
+            show_default=True,
+            help="Teacher under torchrun: replicate, fsdp (FSDP2 per decoder layer), or auto = fsdp only when the "
+            "memory plan does not fit with a replicated teacher.",
         ),
         click.option(
             "--activation-checkpointing", is_flag=True, help="Recompute each block's activations in backward."
+        ),
+        click.option(
+            "--stream",
+            is_flag=True,
+            help="Read --data lazily (JSONL/Parquet files, a directory of them, or a HF dataset in streaming mode), "
+            "tokenize and pack on the fly; the data position is checkpointed and resumes exactly.",
+        ),
+        click.option(
+            "--stream-shards",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Virtual shards of the stream: each rank reads its own; the number of processes must divide it.",
         ),
     ]
     for opt in reversed(options):
@@ -165,6 +188,7 @@ def _run_kwargs(o: dict) -> dict:
         progress=not o["no_progress"],
         ckpt_every_s=o["ckpt_every"],
         strategy=o["strategy"],
+        teacher_strategy=o["teacher_strategy"],
         activation_checkpointing=o["activation_checkpointing"],
         **_spec_kwargs(o),
     )
@@ -182,6 +206,8 @@ def _spec_kwargs(o: dict) -> dict:
         "hard_weight",
         "freeze_mlp",
         "mixer_only",
+        "stream",
+        "stream_shards",
     )
     return {k: o[k] for k in keys if o.get(k) is not None}
 
@@ -301,9 +327,10 @@ def all_cmd(**o):
 @click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--stream", is_flag=True, help="Evaluate on the held-out documents of a `distill --stream` run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @_one_line_errors
-def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, as_json):
+def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, stream, as_json):
     """Teacher vs student: perplexity, mean KL, top-1 agreement, per-layer hidden-state error."""
     _quiet_hf()
     from distill.evaluate import evaluate
@@ -317,6 +344,7 @@ def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, 
         batch_size=batch_size,
         device=device,
         text_field=text_field,
+        stream=stream,
     )
     if as_json:
         click.echo(json.dumps(ev, indent=1))

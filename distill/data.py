@@ -8,6 +8,9 @@ Sources (`--data`):
     path.txt | dir/     plain text (a directory: every *.txt / *.md under it, one document per file)
     path.jsonl|.parquet one document per row, from the `text` field (`--text-field`)
     anything else       a Hugging Face dataset name (needs the `datasets` package and the network)
+
+This module reads the whole corpus into memory and packs it once (`TokenData`); `--stream` reads it lazily
+instead (distill/stream.py, same tokenization and packing rule).
 """
 
 from __future__ import annotations
@@ -75,32 +78,45 @@ def python_docs_corpus() -> list[str]:
     return docs
 
 
+def jsonl_text(line: str | bytes, where: str, field: str) -> str | None:
+    """The text of one JSONL line (None for a blank line); `where` names the line in errors."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise DataError(f"{where}: not valid JSON") from None
+    if not isinstance(row, dict) or field not in row:
+        raise DataError(f"{where}: no field {field!r} (set --text-field)")
+    return str(row[field])
+
+
 def _read_jsonl(path: Path, field: str) -> list[str]:
-    docs = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{n}: not valid JSON") from None
-            if not isinstance(row, dict) or field not in row:
-                raise DataError(f"{path}:{n}: no field {field!r} (set --text-field)")
-            docs.append(str(row[field]))
-    return docs
+        texts = (jsonl_text(line, f"{path}:{n}", field) for n, line in enumerate(f, 1))
+        return [t for t in texts if t is not None]
+
+
+def parquet_file(path: Path, field: str):
+    """A pyarrow ParquetFile whose schema has the text column `field` (DataError naming the fix otherwise)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install 'llamba[data]'`)") from None
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column {field!r} among {pf.schema_arrow.names} (set --text-field)")
+    return pf
 
 
 def _read_parquet(path: Path, field: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    if field not in table.column_names:
-        raise DataError(f"{path}: no column {field!r} among {table.column_names} (set --text-field)")
-    return [str(x) for x in table.column(field).to_pylist() if x]
+    column = parquet_file(path, field).read(columns=[field]).column(0)
+    return [str(x) for x in column.to_pylist() if x]
 
 
-def _read_hf(name: str, field: str, max_docs: int) -> list[str]:
+def hf_streaming_dataset(name: str):
+    """A Hugging Face dataset's train split in streaming mode (rows are read on demand, nothing is downloaded
+    up front); DataError naming `pip install datasets` when the package is missing."""
     try:
         import datasets
     except ImportError:
@@ -108,12 +124,19 @@ def _read_hf(name: str, field: str, max_docs: int) -> list[str]:
             f"--data {name!r} is neither a file nor a directory; as a Hugging Face dataset it needs "
             "`pip install datasets` and the network"
         ) from None
-    ds = datasets.load_dataset(name, split="train", streaming=True)
+    return datasets.load_dataset(name, split="train", streaming=True)
+
+
+def hf_text(row: dict, name: str, field: str) -> str:
+    if field not in row:
+        raise DataError(f"dataset {name}: no field {field!r} (set --text-field)")
+    return str(row[field] or "")
+
+
+def _read_hf(name: str, field: str, max_docs: int) -> list[str]:
     docs = []
-    for row in ds:
-        if field not in row:
-            raise DataError(f"dataset {name}: no field {field!r} (set --text-field)")
-        docs.append(row[field])
+    for row in hf_streaming_dataset(name):
+        docs.append(hf_text(row, name, field))
         if len(docs) >= max_docs:
             break
     return docs
@@ -170,6 +193,12 @@ def teacher_samples(
     return docs
 
 
+def is_hub_name(spec: str) -> bool:
+    """`--data` that names no local path and reads as a Hugging Face dataset ('name' or 'org/name')."""
+    return not Path(spec).exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 and \
+        Path(spec).suffix not in (".txt", ".jsonl", ".json", ".parquet", ".md")
+
+
 def load_documents(
     spec: str | None, text_field: str = "text", teacher=None, tokenizer=None, max_docs: int = 100_000
 ) -> list[str]:
@@ -196,10 +225,10 @@ def load_documents(
             docs = [
                 d for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n\n") if d.strip()
             ]
-    elif path.suffix in (".txt", ".jsonl", ".json", ".parquet", ".md") or os.sep in spec:
-        raise DataError(f"{spec}: file not found")
-    else:
+    elif is_hub_name(spec):
         docs = _read_hf(spec, text_field, max_docs)
+    else:
+        raise DataError(f"{spec}: file not found")
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{spec}: no text found")
@@ -221,15 +250,18 @@ def split_documents(
     return train, held
 
 
+def doc_tokens(tokenizer, text: str) -> list[int]:
+    """One document's token ids followed by EOS: how every packer joins documents."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
 def pack(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
     """Tokenize each document, join them with EOS, cut into rows -> (n_rows, seq_len) int64. The tail that does not
     fill a row is dropped (a corpus shorter than one row is repeated)."""
-    eos = tokenizer.eos_token_id
     stream: list[int] = []
     for d in docs:
-        stream.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+        stream.extend(doc_tokens(tokenizer, d))
     if not stream:
         raise DataError("the data produced no tokens")
     while len(stream) < seq_len:
@@ -253,6 +285,16 @@ class TokenData:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             idx.append(int(perm[pos]))
         return self.train[idx]
+
+    def local_batch(self, index: int, batch_size: int, seed: int, ctx) -> torch.Tensor:
+        """This rank's rows (b / N, l) of global batch `index` (ctx: a distill.distributed.DistContext)."""
+        return ctx.shard(self.batch(index, batch_size, seed))
+
+    def position(self, ctx) -> str:
+        return ""  # stateless: batches are a function of (index, seed)
+
+    def restore(self, position: str) -> None:
+        pass
 
 
 def build_token_data(docs: list[str], tokenizer, seq_len: int) -> TokenData:

@@ -5,11 +5,14 @@ A plain `llamba distill ...` is the N = 1 case of the same loop: `DistContext.fr
 variables and every collective below becomes the identity.
 
 - Student: FSDP2 (`fully_shard` per block, then the root) or DDP, under a mixed-precision policy (bf16 params and
-  compute, fp32 master weights and gradient reductions) where the device supports bf16.
-- Teacher: replicated under no_grad (bf16 on GPU); it is frozen, so it needs no sharding for models that fit.
+  compute, fp32 master weights and gradient reductions) where the device supports bf16. Stage 3 wraps the whole
+  model in DDP; stages 1-2 call and backpropagate the blocks one at a time, so each block gets its own DDP wrapper
+  (one forward, one backward per wrapper, as DDP requires).
+- Teacher: frozen, under no_grad (bf16 where supported); replicated, or sharded with FSDP2 (`fully_shard` per
+  decoder layer) when it does not fit beside the student (`teacher_strategy`).
 - Checkpoints: torch.distributed.checkpoint (DCP) writes sharded state that loads on any world size.
 - Data: rank r takes sequences r, r + N, r + 2N, ... of each global batch, so ranks read disjoint data and the
-  global batch (and the result) does not depend on N.
+  global batch (and the result) does not depend on N (streaming: distill/stream.py keeps the same row order).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
+TEACHER_STRATEGIES = ("auto", "replicate", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -76,52 +80,116 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's value of a picklable object, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows r, r + N, r + 2N, ... of a global batch of batch_size (divisible by N)."""
+        if batch_size % self.world_size:
+            raise ValueError(f"global batch {batch_size} is not divisible by world size {self.world_size}; "
+                             "choose --batch-size as a multiple of the number of processes")
+        return slice(self.rank, batch_size, self.world_size)
+
     def shard(self, global_batch: torch.Tensor) -> torch.Tensor:
         """global_batch: (B, ...) with B divisible by world_size -> this rank's (B / world_size, ...) rows."""
-        if global_batch.shape[0] % self.world_size:
-            raise ValueError(f"global batch {global_batch.shape[0]} is not divisible by world size {self.world_size}; "
-                             "choose --batch-size as a multiple of the number of processes")
-        return global_batch[self.rank :: self.world_size]
+        return global_batch[self.rows(global_batch.shape[0])]
 
 
 def bf16_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def wrap_student(model: nn.Module, ctx: DistContext, strategy: str = "auto", block_cls: type | None = None,
-                 activation_checkpointing: bool = False, mixed_precision: bool = True) -> nn.Module:
-    """Shard or replicate the student for data-parallel training; returns the module to train.
-
-    strategy: 'fsdp' (FSDP2 `fully_shard` per block then root), 'ddp', 'none' (one process), or 'auto'
-    (fsdp when distributed, none otherwise). Mixed precision (bf16 compute, fp32 reductions) only where the
-    device supports bf16; fp32 master weights stay in the optimizer either way."""
+def resolve_strategy(strategy: str, ctx: DistContext) -> str:
+    """'auto' -> 'fsdp' when distributed, 'none' in one process; other names are checked and returned."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
-        strategy = "fsdp" if ctx.distributed else "none"
+        return "fsdp" if ctx.distributed else "none"
+    return strategy
+
+
+def _ensure_group() -> None:
+    if not dist.is_initialized():  # FSDP/DDP asked for in one process: a one-member group
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def _fully_shard(model: nn.Module, unit_cls: type | None, policy=None) -> None:
+    """FSDP2: every `unit_cls` submodule its own unit (gathered only while it runs), then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = policy or MixedPrecisionPolicy()
+    if unit_cls is not None:
+        for module in model.modules():
+            if isinstance(module, unit_cls):
+                fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def wrap_student(model: nn.Module, ctx: DistContext, strategy: str = "auto", block_cls: type | None = None,
+                 activation_checkpointing: bool = False, mixed_precision: bool = True,
+                 ddp_per_block: bool = False) -> nn.Module:
+    """Shard or replicate the student for data-parallel training; returns the module to train.
+
+    strategy: 'fsdp' (FSDP2 `fully_shard` per block then root), 'ddp', 'none' (one process), or 'auto'
+    (fsdp when distributed, none otherwise). Mixed precision (bf16 params and compute, fp32 reductions) only where
+    the device supports bf16; fp32 master weights stay in the optimizer either way. With ddp_per_block the model
+    itself stays plain and `ddp_blocks` wraps the blocks (stages 1-2)."""
+    strategy = resolve_strategy(strategy, ctx)
     model = model.to(ctx.device)
     if activation_checkpointing and block_cls is not None:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, block_cls))
-    if strategy == "none":
+    if strategy == "none" or (strategy == "ddp" and ddp_per_block):
         return model
-    if not dist.is_initialized():  # FSDP/DDP asked for in one process: a one-member group
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    _ensure_group()
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        return _ddp(model, ctx)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision and bf16_supported(ctx.device) else MixedPrecisionPolicy()
-    if block_cls is not None:
-        for module in model.modules():
-            if isinstance(module, block_cls):
-                fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        if mixed_precision and bf16_supported(ctx.device) else None
+    _fully_shard(model, block_cls, policy)
     return model
+
+
+def ddp_blocks(blocks, ctx: DistContext) -> list[nn.Module]:
+    """One DDP wrapper per block that has trainable parameters (stages 1-2: each block runs its own forward and
+    backward). The wrappers share the blocks' parameters, so the plain student keeps the weights for the optimizer
+    and the checkpoints."""
+    _ensure_group()
+    return [_ddp(b, ctx) if any(p.requires_grad for p in b.parameters()) else b for b in blocks]
+
+
+def wrap_teacher(teacher: nn.Module, ctx: DistContext, strategy: str) -> nn.Module:
+    """strategy 'fsdp': FSDP2 `fully_shard` per decoder layer then the root (each rank holds 1/N of the weights;
+    a layer is gathered only while it runs); 'replicate': unchanged. The teacher stays frozen and in its dtype."""
+    if strategy == "fsdp":
+        _ensure_group()
+        _fully_shard(teacher, type(teacher.model.layers[0]))
+        # FSDP2 keeps the root (embeddings, final norm, LM head) gathered after forward, expecting a backward
+        teacher.register_forward_hook(lambda module, args, out: module.reshard())
+    return teacher
+
+
+def resolve_teacher_strategy(strategy: str, ctx: DistContext, plan: dict[str, float]) -> str:
+    """'auto' -> 'fsdp' when distributed and the plan with a replicated teacher does not fit, else 'replicate'."""
+    if strategy not in TEACHER_STRATEGIES:
+        raise ValueError(f"teacher strategy must be one of {TEACHER_STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        return "fsdp" if ctx.distributed and plan["total"] > available_memory_gib(ctx.device) else "replicate"
+    return strategy
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -163,6 +231,15 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     ctx.barrier()
 
 
+def recover_checkpoint(path: str | Path, ctx: DistContext) -> None:
+    """A kill between save_sharded's two renames leaves only `path.old`: put it back (rank 0; all ranks wait)."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if ctx.is_main and not path.exists() and old.is_dir():
+        os.replace(old, path)
+    ctx.barrier()
+
+
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  extra_template: dict | None = None) -> dict:
     """Restore a DCP checkpoint written on any world size into this (possibly resharded) model/optimizer.
@@ -180,13 +257,15 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def memory_plan(student: nn.Module, teacher: nn.Module | None, ctx: DistContext, strategy: str, seq_len: int,
-                micro_batch: int, activation_checkpointing: bool = False) -> dict[str, float]:
-    """Bytes per rank (GiB): student params, gradients, AdamW state (2 fp32 moments), teacher, activations.
+                micro_batch: int, activation_checkpointing: bool = False,
+                teacher_strategy: str = "replicate") -> dict[str, float]:
+    """Bytes per rank (GiB): student params, gradients, AdamW state (2 fp32 moments), teacher (its dtype, 1/N of
+    it when sharded), activations.
 
     Activations are estimated as ~34 * d * tokens bytes per block without checkpointing (a Llama-block rule of
     thumb, fp32) and one block's worth plus the residual streams with it."""
     gib = 2**30
-    shards = ctx.world_size if strategy in ("fsdp", "auto") and ctx.distributed else 1
+    shards = ctx.world_size if resolve_strategy(strategy, ctx) == "fsdp" else 1
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     cfg = getattr(student, "config", None)
@@ -195,6 +274,8 @@ def memory_plan(student: nn.Module, teacher: nn.Module | None, ctx: DistContext,
     per_block = 34 * d * tokens
     acts = (per_block + layers * d * tokens * 4) if activation_checkpointing else layers * per_block
     teacher_bytes = n_teacher * (2 if bf16_supported(ctx.device) else 4)
+    if teacher_strategy == "fsdp":
+        teacher_bytes /= ctx.world_size
     plan = {
         "student params": 4 * n_student / shards / gib,
         "gradients": 4 * n_student / shards / gib,
@@ -225,5 +306,6 @@ def check_memory_plan(plan: dict[str, float], ctx: DistContext) -> str:
     free = available_memory_gib(ctx.device)
     if plan["total"] > free:
         raise MemoryError(f"memory plan needs {plan['total']:.1f} GiB per rank but {free:.1f} GiB is free; lower "
-                          "--batch-size/--seq-len, add --activation-checkpointing, or use more processes (FSDP)")
+                          "--batch-size/--seq-len, add --activation-checkpointing, or use more processes "
+                          "(--strategy fsdp, --teacher-strategy fsdp)")
     return line

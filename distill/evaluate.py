@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.data import build_token_data, load_documents
+from distill.data import load_documents, pack, split_documents
 from distill.teacher import teacher_residuals
 
 
@@ -67,6 +67,21 @@ def evaluate_tokens(
     return out
 
 
+def heldout_rows(teacher, seq_len: int, data=None, text_field: str = "text", docs: list[str] | None = None,
+                 stream: bool = False) -> torch.Tensor:
+    """The held-out rows (n, seq_len) of `--data` for a run.Teacher: the fixed 10% document split in memory, or the
+    stream's held-out documents (distill/stream.py) with `stream`."""
+    if stream:
+        from distill.stream import open_source
+
+        held = open_source(data, text_field, teacher.model, teacher.tokenizer, docs).heldout
+    else:
+        if docs is None:
+            docs = load_documents(data, text_field, teacher.model, teacher.tokenizer)
+        held = split_documents(docs)[1]
+    return pack(teacher.tokenizer, held, seq_len)
+
+
 def evaluate(
     model,
     teacher="default",
@@ -78,10 +93,12 @@ def evaluate(
     device: str = "auto",
     text_field: str = "text",
     docs: list[str] | None = None,
+    stream: bool = False,
 ) -> dict:
     """model: a Llamba checkpoint directory or a LlambaForCausalLM; teacher: a spec for load_teacher, a
-    (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used). Evaluates on up to
-    max_tokens held-out tokens in rows of seq_len. Returns the metrics dict of `evaluate_tokens`."""
+    (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used; `stream`: the
+    held-out documents of a `--stream` run). Evaluates on up to max_tokens held-out tokens in rows of seq_len.
+    Returns the metrics dict of `evaluate_tokens`."""
     from distill.run import get_teacher, resolve_device
     from llamba.checkpoints import load_model
 
@@ -93,8 +110,6 @@ def evaluate(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size "
             f"{t.model.config.vocab_size}: they were not distilled from each other"
         )
-    if docs is None:
-        docs = load_documents(data, text_field, t.model, t.tokenizer)
-    held = build_token_data(docs, t.tokenizer, seq_len).heldout
+    held = heldout_rows(t, seq_len, data, text_field, docs, stream)
     n = max(1, min(held.shape[0], max_tokens // seq_len))
     return evaluate_tokens(student, t.model, held[:n].to(dev), batch_size, per_layer)

@@ -3,11 +3,13 @@
     RUN_DIR/init/             the initialized student (HF layout) and its held-out perplexity (eval.json)
     RUN_DIR/stageK/           config.json + model.safetensors (LlambaForCausalLM.from_pretrained loads it),
                               metrics.jsonl, loss.png, spec.json (the stage's settings), DONE.json when finished,
-                              resume.pt while the stage runs (student + optimizer + step; written atomically)
+                              resume/ while the stage runs (a DCP checkpoint: student + optimizer + step + data
+                              position; replaced atomically)
 
-Kill the process at any moment and re-run the same command: finished stages are skipped and a running stage
-continues from its last resume.pt, reading the same batches it would have read (batches are a function of the
-step), so the result equals an uninterrupted run.
+Kill the process (any rank of a torchrun job) at any moment and re-run the same command: finished stages are
+skipped and a running stage continues from its last resume/, reading the same batches it would have read
+(in-memory batches are a function of the step; a stream restores its saved position), so the result equals an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ from distill.distributed import (
     DistContext,
     bf16_supported,
     check_memory_plan,
+    ddp_blocks,
     full_state_dict,
     load_sharded,
     memory_plan,
+    recover_checkpoint,
+    resolve_strategy,
+    resolve_teacher_strategy,
     save_sharded,
     unwrap,
     wrap_student,
+    wrap_teacher,
 )
 from distill.init import build_student
 from distill.plots import plot_stage
@@ -45,6 +52,7 @@ from distill.stages import (
     split_budget,
     trainable_parameters,
 )
+from distill.stream import TokenStream, open_source
 from distill.teacher import load_teacher
 from llamba.checkpoints import load_model
 from llamba.model import LlambaBlock, LlambaForCausalLM
@@ -148,11 +156,30 @@ def _consolidated_student(model: torch.nn.Module, student: LlambaForCausalLM, ct
     return plain
 
 
+def _check_spec(spec: StageSpec, spec_file: Path, resuming: bool, ctx: DistContext) -> None:
+    """Refuse to resume with other settings (fields missing from an older spec.json read as their defaults), and
+    make sure every rank runs rank 0's settings (so all agree on the token budget and the steps)."""
+    new = spec.to_json()
+    if spec_file.is_file() and resuming:
+        old = {**StageSpec(spec.stage, spec.tokens).to_json(), **json.loads(spec_file.read_text())}
+        diff = [k for k, v in new.items() if old.get(k) != v]
+        if diff:
+            raise RunError(
+                f"{spec_file}: this stage was started with a different `{diff[0]}` "
+                f"({old.get(diff[0])!r} vs {new[diff[0]]!r}); use another --out or delete it"
+            )
+    first = ctx.broadcast_object(new)
+    diff = [k for k, v in new.items() if first.get(k) != v]
+    if diff:
+        raise RunError(f"rank {ctx.rank}: `{diff[0]}` is {new[diff[0]]!r} here but {first[diff[0]]!r} on rank 0; "
+                       "launch every rank with the same command")
+
+
 def train_stage(
     spec: StageSpec,
     student: LlambaForCausalLM,
     teacher: Teacher,
-    data: TokenData,
+    data: TokenData | TokenStream,
     stage_dir: Path,
     device: torch.device,
     progress: bool = True,
@@ -161,63 +188,70 @@ def train_stage(
     ctx: DistContext | None = None,
     strategy: str = "auto",
     activation_checkpointing: bool = False,
+    teacher_strategy: str = "auto",
 ) -> dict:
     """Train one stage from step 0 or from stage_dir/resume (a DCP checkpoint that loads on any number of
     processes); write the final checkpoint, metrics and plot. The same loop serves one process and N
-    (torchrun): `ctx` shards each global batch across ranks, `strategy` shards (fsdp) or replicates (ddp) the
-    student, only rank 0 writes files and draws the progress bar.
+    (torchrun): `ctx` gives each rank its rows of every global batch, `strategy` shards (fsdp) or replicates (ddp)
+    the student, `teacher_strategy` shards (fsdp) or replicates the teacher (auto: sharded only when the memory
+    plan needs it), only rank 0 writes files and draws the progress bar.
 
     stop_after: raise Interrupted after that many optimizer steps of this call (a checkpoint is written first)."""
     ctx = ctx or DistContext(device=device)
     main = ctx.is_main
     stage_dir.mkdir(parents=True, exist_ok=True)
     spec_file, resume_dir, metrics_file = stage_dir / "spec.json", stage_dir / "resume", stage_dir / "metrics.jsonl"
-    if spec_file.is_file():
-        old = json.loads(spec_file.read_text())
-        diff = [k for k, v in spec.to_json().items() if old.get(k) != v]
-        if diff and resume_dir.is_dir():
-            raise RunError(
-                f"{spec_file}: this stage was started with a different `{diff[0]}` "
-                f"({old.get(diff[0])!r} vs {spec.to_json()[diff[0]]!r}); use another --out or delete it"
-            )
-    if strategy == "ddp" and spec.stage in (1, 2):
-        raise RunError("--strategy ddp runs stage 3 only (stages 1-2 train blocks one by one); use fsdp")
+    recover_checkpoint(resume_dir, ctx)
+    resuming = resume_dir.is_dir()
+    _check_spec(spec, spec_file, resuming, ctx)
     if main:
         atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=1))
 
     student.to(device).train()
     trainable_parameters(student, spec)
-    plan = memory_plan(student, teacher.model, ctx, strategy, spec.seq_len, spec.batch_size // ctx.world_size,
-                       activation_checkpointing)
-    plan_line = check_memory_plan(plan, ctx)
-    model = wrap_student(student, ctx, strategy, LlambaBlock, activation_checkpointing)
+    strategy = resolve_strategy(strategy, ctx)
+    sharded_teacher = hasattr(teacher.model, "unshard")  # sharded by an earlier stage of this run
+    plan_args = (student, teacher.model, ctx, strategy, spec.seq_len, spec.batch_size // ctx.world_size,
+                 activation_checkpointing)
+    teacher_strategy = "fsdp" if sharded_teacher else ctx.broadcast_object(  # rank 0's free memory decides
+        resolve_teacher_strategy(teacher_strategy, ctx, memory_plan(*plan_args, teacher_strategy="replicate")))
+    plan_line = check_memory_plan(memory_plan(*plan_args, teacher_strategy=teacher_strategy), ctx)
+    if not sharded_teacher:
+        wrap_teacher(teacher.model, ctx, teacher_strategy)
+    model = wrap_student(student, ctx, strategy, LlambaBlock, activation_checkpointing,
+                         mixed_precision=spec.precision != "fp32", ddp_per_block=spec.stage < 3)
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     opt = make_optimizer(named, spec)
-    step, elapsed = 0, 0.0
-    metrics = _read_metrics(metrics_file)
-    if resume_dir.is_dir():
-        extra = load_sharded(resume_dir, model, opt, {"step": 0, "elapsed": 0.0, "metric_lines": 0})
+    step, elapsed, metrics = 0, 0.0, []
+    if resuming:
+        extra = load_sharded(resume_dir, model, opt, {"step": 0, "elapsed": 0.0, "metric_lines": 0, "data": ""})
         step, elapsed = int(extra["step"]), float(extra["elapsed"])
-        metrics = metrics[: int(extra["metric_lines"])]
+        metrics = _read_metrics(metrics_file)[: int(extra["metric_lines"])]
+        data.restore(extra["data"])
     if main:
         atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in metrics))
     ctx.barrier()
 
     def checkpoint():
-        save_sharded(resume_dir, model, opt, ctx, {"step": step, "elapsed": elapsed, "metric_lines": len(metrics)})
+        save_sharded(resume_dir, model, opt, ctx, {"step": step, "elapsed": elapsed, "metric_lines": len(metrics),
+                                                   "data": data.position(ctx)})
         if main and metrics:
             plot_stage(metrics, stage_dir / "loss.png", f"stage {spec.stage}")
 
-    # Stages 1-2 call the student's blocks one by one (FSDP2 gathers each block's shards in its own hooks);
-    # stage 3 calls the whole model, through the DDP wrapper when there is one.
-    loss_step = STAGE_STEPS[spec.stage](model if spec.stage == 3 else student, teacher.model, spec, device)
+    # Stages 1-2 call the student's blocks one by one (FSDP2 gathers each block's shards in its own hooks; DDP
+    # wraps each block); stage 3 calls the whole model, through the DDP wrapper when there is one.
+    if spec.stage == 3:
+        net = model
+    else:
+        net = ddp_blocks(student.backbone.layers, ctx) if strategy == "ddp" else list(student.backbone.layers)
+    loss_step = STAGE_STEPS[spec.stage](net, teacher.model, spec, device)
     total = spec.total_steps
     last_ckpt, done_here = time.time(), 0
     with _progress(progress and main) as bar, open(metrics_file, "a", encoding="utf-8") as log:
         if progress and main:
-            bar.console.print(f"stage {spec.stage}: {ctx.world_size} process(es), strategy {strategy}; "
-                              f"memory plan: {plan_line}")
+            bar.console.print(f"stage {spec.stage}: {ctx.world_size} process(es), strategy {strategy}, teacher "
+                              f"{teacher_strategy}; memory plan: {plan_line}")
         task = bar.add_task(f"stage {spec.stage}", total=total, completed=step, loss=float("nan"), tok_s=0.0)
         while step < total:
             t0 = time.time()
@@ -226,8 +260,9 @@ def train_stage(
                 group["lr"] = lr
             losses, per_layer = [], None
             for micro in range(spec.grad_accum):
-                ids = data.batch(step * spec.grad_accum + micro, spec.batch_size, spec.seed)  # the global batch
-                loss, layers = loss_step(ctx.shard(ids).to(device), 1.0 / spec.grad_accum)
+                # this rank's rows (b / N, l) of global batch `index`
+                ids = data.local_batch(step * spec.grad_accum + micro, spec.batch_size, spec.seed, ctx)
+                loss, layers = loss_step(ids.to(device), 1.0 / spec.grad_accum)
                 losses.append(loss)
                 if layers is not None:
                     per_layer = (
@@ -277,6 +312,8 @@ def train_stage(
         "elapsed_s": round(elapsed, 1),
         "tok_s": round(total * spec.tokens_per_step / max(elapsed, 1e-9), 1),
         "world_size": ctx.world_size,
+        "strategy": strategy,
+        "teacher_strategy": teacher_strategy,
     }
     if tail and "per_layer" in tail[-1]:
         summary["per_layer"] = [
@@ -344,12 +381,13 @@ def distill_stage(
     docs: list[str] | None = None,
     strategy: str = "auto",
     activation_checkpointing: bool = False,
+    teacher_strategy: str = "auto",
     **spec_overrides,
 ) -> dict:
     """Run (or resume, or skip when finished) stage 1, 2 or 3 in RUN_DIR `out`. spec_overrides: any StageSpec
     field (seq_len, batch_size, grad_accum, lr, seed, precision, temperature, hard_weight, freeze_mlp,
-    mixer_only, ...). Under torchrun every rank runs this same call (see distill/distributed.py).
-    Returns the stage summary (also in RUN_DIR/stageK/DONE.json)."""
+    mixer_only, stream, stream_shards, ...). Under torchrun every rank runs this same call (see
+    distill/distributed.py). Returns the stage summary (also in RUN_DIR/stageK/DONE.json)."""
     out = Path(out)
     stage_dir = out / f"stage{stage}"
     if (stage_dir / "DONE.json").is_file():
@@ -359,12 +397,16 @@ def distill_stage(
     t = get_teacher(teacher, dev, torch.bfloat16 if bf16_supported(dev) else torch.float32)
     tokens = tokens if tokens is not None else split_budget(DEFAULT_TOTAL_TOKENS)[stage]
     spec = default_spec(stage, tokens, **spec_overrides)
-    if docs is None:
-        docs = load_documents(data, text_field, t.model, t.tokenizer)
-    token_data = build_token_data(docs, t.tokenizer, spec.seq_len)
+    if spec.stream:
+        source = open_source(data, text_field, t.model, t.tokenizer, docs)
+        token_data = TokenStream(source, t.tokenizer, spec.seq_len, spec.stream_shards)
+    else:
+        if docs is None:
+            docs = load_documents(data, text_field, t.model, t.tokenizer)
+        token_data = build_token_data(docs, t.tokenizer, spec.seq_len)
     student = stage_start(out, stage, t, init, init_from, spec.seed, dev, ctx)
     return train_stage(spec, student, t, token_data, stage_dir, dev, progress, ckpt_every_s, stop_after, ctx,
-                       strategy, activation_checkpointing)
+                       strategy, activation_checkpointing, teacher_strategy)
 
 
 def distill_all(
@@ -381,6 +423,7 @@ def distill_all(
     stage_overrides: dict | None = None,
     strategy: str = "auto",
     activation_checkpointing: bool = False,
+    teacher_strategy: str = "auto",
     **spec_overrides,
 ) -> dict:
     """The main job: init -> stage 1 -> stage 2 -> stage 3 -> held-out evaluation, resumable at any point.
@@ -388,26 +431,28 @@ def distill_all(
     tokens: total budget, split 3.75% / 33.75% / 62.5% over the stages; spec_overrides apply to every stage and
     stage_overrides = {k: {...}} to stage k only. Returns {"init": {...}, "stages": {k: summary},
     "eval": evaluate(...) dict, "out": str}; the evaluation is also written to RUN_DIR/eval.json."""
-    from distill.evaluate import evaluate, evaluate_tokens
+    from distill.evaluate import evaluate, evaluate_tokens, heldout_rows
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = DistContext.from_env(None if device == "auto" else device)
     dev = ctx.device
     t = get_teacher(teacher, dev, torch.bfloat16 if bf16_supported(dev) else torch.float32)
-    docs = load_documents(data, text_field, t.model, t.tokenizer)
+    stream = bool(spec_overrides.get("stream"))
+    docs = None if stream else load_documents(data, text_field, t.model, t.tokenizer)
     budget = split_budget(tokens)
     seed = spec_overrides.get("seed") or 0
     result = {"out": str(out), "stages": {}}
 
+    # Evaluations run on every rank (a sharded teacher's forward is a collective); rank 0 writes them.
     init_eval = out / "init" / "eval.json"
     student = stage_start(out, 1, t, init, None, seed, dev, ctx)
-    if ctx.is_main and not init_eval.is_file():
-        held = build_token_data(docs, t.tokenizer, 256).heldout
+    if ctx.broadcast_object(not init_eval.is_file()):
+        held = heldout_rows(t, 256, data, text_field, docs, stream)
         n = max(1, min(held.shape[0], eval_tokens // 256))
-        atomic_write_text(
-            init_eval, json.dumps(evaluate_tokens(student, t.model, held[:n].to(dev), per_layer=False))
-        )
+        ev = evaluate_tokens(student, t.model, held[:n].to(dev), per_layer=False)
+        if ctx.is_main:
+            atomic_write_text(init_eval, json.dumps(ev))
     ctx.barrier()
     result["init"] = json.loads(init_eval.read_text())
     del student
@@ -426,16 +471,15 @@ def distill_all(
             docs=docs,
             strategy=strategy,
             activation_checkpointing=activation_checkpointing,
+            teacher_strategy=teacher_strategy,
             **overrides,
         )
     eval_file = out / "eval.json"
-    if ctx.is_main and not eval_file.is_file():
-        atomic_write_text(
-            eval_file,
-            json.dumps(
-                evaluate(out / "stage3", t, docs=docs, max_tokens=eval_tokens, device=device), indent=1
-            ),
-        )
+    if ctx.broadcast_object(not eval_file.is_file()):
+        ev = evaluate(out / "stage3", t, data, docs=docs, max_tokens=eval_tokens, device=str(dev),
+                      text_field=text_field, stream=stream)
+        if ctx.is_main:
+            atomic_write_text(eval_file, json.dumps(ev, indent=1))
     ctx.barrier()
     result["eval"] = json.loads(eval_file.read_text())
     return result

@@ -43,6 +43,8 @@ class StageSpec:
     hard_weight: float = 0.0  # stage 3
     freeze_mlp: bool = False  # stage 3
     mixer_only: bool = False  # stage 2
+    stream: bool = False  # read --data lazily (distill/stream.py) instead of packing it in memory
+    stream_shards: int = 8  # virtual shards of the stream; the number of processes must divide it
 
     @property
     def tokens_per_step(self) -> int:
@@ -94,12 +96,17 @@ def autocast_context(spec: StageSpec, device: torch.device):
 # Trainable parameters
 # --------------------------------------------------------------------------------------------------
 def trainable_parameters(student: nn.Module, spec: StageSpec) -> list[tuple[str, nn.Parameter]]:
-    """Stage 1: mixers + their input norms. Stage 2: whole blocks (mixer + input norm with --mixer-only).
-    Stage 3: everything; MLPs frozen with --freeze-mlp (MOHAWK/Phi-Mamba), trained by default (Llamba)."""
+    """Stage 1: mixers + their input norms, less out_proj and z_bias (the mixing matrix does not involve them,
+    so they would get no gradient; DDP needs one for every trainable parameter). Stage 2: whole blocks (mixer +
+    input norm with --mixer-only). Stage 3: everything; MLPs frozen with --freeze-mlp (MOHAWK/Phi-Mamba),
+    trained by default (Llamba)."""
 
     def wanted(name: str) -> bool:
         in_block = name.startswith("backbone.layers.")
-        if spec.stage == 1 or (spec.stage == 2 and spec.mixer_only):
+        if spec.stage == 1:
+            return in_block and (".mixer." in name or ".input_layernorm." in name) and not (
+                ".mixer.out_proj." in name or name.endswith(".mixer.z_bias"))
+        if spec.stage == 2 and spec.mixer_only:
             return in_block and (".mixer." in name or ".input_layernorm." in name)
         if spec.stage == 2:
             return in_block
@@ -123,12 +130,13 @@ def make_optimizer(named: list[tuple[str, nn.Parameter]], spec: StageSpec) -> to
 
 
 # --------------------------------------------------------------------------------------------------
-# One micro-batch of each stage: forward, backward (scaled for accumulation), losses for the log
+# One micro-batch of each stage: forward, backward (scaled for accumulation), losses for the log.
+# Stages 1-2 get the student's blocks (plain, FSDP2 units or per-block DDP wrappers), stage 3 the whole model.
 # --------------------------------------------------------------------------------------------------
 LossStep = Callable[[torch.Tensor, float], tuple[float, list[float] | None]]
 
 
-def stage1_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
+def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossStep:
     """Matrix orientation. Per layer: teacher attention maps of that layer only (eager, recomputed from the
     teacher's residual stream), student mixing matrix on the same input, backward at once (frees the maps)."""
 
@@ -137,7 +145,7 @@ def stage1_step(student, teacher, spec: StageSpec, device: torch.device) -> Loss
         maps = AttentionMaps(teacher, ids)
         per_layer = []
         try:
-            for i, block in enumerate(student.backbone.layers):
+            for i, block in enumerate(blocks):
                 attn = maps(i, resid[i])  # (b, heads, l, l)
                 with autocast_context(spec, device):
                     _, _, matrix = block(resid[i], run_mlp=False, return_matrix=True)
@@ -152,14 +160,14 @@ def stage1_step(student, teacher, spec: StageSpec, device: torch.device) -> Loss
     return step
 
 
-def stage2_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
+def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossStep:
     """Hidden-state alignment. One teacher forward feeds every layer; layer i maps teacher hidden_states[i] to a
     prediction of hidden_states[i+1] (or, with mixer_only, of the attention output)."""
 
     def step(ids: torch.Tensor, scale: float):
         out = teacher_residuals(teacher, ids, with_attn_out=spec.mixer_only)
         per_layer = []
-        for i, block in enumerate(student.backbone.layers):
+        for i, block in enumerate(blocks):
             with autocast_context(spec, device):
                 pred, _, _ = block(out["resid"][i], run_mlp=not spec.mixer_only)
             target = out["attn_out"][i] if spec.mixer_only else out["resid"][i + 1]

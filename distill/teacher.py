@@ -217,12 +217,19 @@ class AttentionMaps:
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """h: (b, l, d) residual stream entering layer i -> attention weights (b, heads, l, l) fp32."""
         layer = self.teacher.model.layers[i]
-        _, weights = layer.self_attn(
-            layer.input_layernorm(h),
-            position_embeddings=self.cos_sin,
-            attention_mask=self.mask,
-            position_ids=self.pos,
-        )
+        sharded = hasattr(layer, "unshard")  # an FSDP2 teacher: its submodules are called here, not its forward
+        if sharded:
+            layer.unshard()
+        try:
+            _, weights = layer.self_attn(
+                layer.input_layernorm(h),
+                position_embeddings=self.cos_sin,
+                attention_mask=self.mask,
+                position_ids=self.pos,
+            )
+        finally:
+            if sharded:
+                layer.reshard()
         return weights.float()
 
     def close(self) -> None:
