@@ -1,15 +1,14 @@
 """In-context RL benchmark: batched-env throughput, then the Dark Room and Key-to-Door grids (AD vs n-gram AD).
 
 Prints a table and appends an `## In-context RL` section to BENCHMARKS.md (repo root).
-    .venv/bin/python bench/bench_icrl.py                      # both envs, shipped configs, grids in parallel
-    .venv/bin/python bench/bench_icrl.py --envs darkroom --no-append
+    .venv/bin/python bench/bench_icrl.py                      # both envs, shipped configs, one after the other
+    .venv/bin/python bench/bench_icrl.py --envs darkroom --no-append --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import sys
@@ -43,16 +42,19 @@ def env_throughput(name: str, b: int = 4096, steps: int = 2000) -> float:
     return done_steps / (time.perf_counter() - t0)
 
 
-def qlearning_throughput(name: str) -> tuple[float, int]:
+def history_throughput(name: str, source: str = "qlearning") -> tuple[float, int]:
+    """Env steps per second of learning-history generation (64 tasks x 8 histories x 60 episodes)."""
     spec = EnvSpec(name)
-    cfg = DataConfig(n_train_tasks=64, histories_per_task=8, episodes_per_history=60, lr=0.9, gamma=0.9)
+    cfg = DataConfig(
+        n_train_tasks=64, histories_per_task=8, episodes_per_history=60, lr=0.9, gamma=0.9, source=source
+    )
     t0 = time.perf_counter()
     h, _ = generate(spec, cfg)
     return h.total_transitions / (time.perf_counter() - t0), h.total_transitions
 
 
-def run_env_grid(args: tuple[str, str | None, str]) -> dict:
-    env, config, out = args
+def run_env_grid(args: tuple[str, str | None, str, int]) -> dict:
+    env, config, out, workers = args
     import torch
 
     from icrl.config import load_config
@@ -63,7 +65,10 @@ def run_env_grid(args: tuple[str, str | None, str]) -> dict:
     lines = []
     t0 = time.time()
     summary = run_grid(
-        cfg, Path(out) / env, log=lambda s: (lines.append(s), print(f"[{env}] {s}", flush=True))
+        cfg,
+        Path(out) / env,
+        log=lambda s: (lines.append(s), print(f"[{env}] {s}", flush=True)),
+        workers=workers,
     )
     return {
         "env": env,
@@ -77,6 +82,8 @@ def run_env_grid(args: tuple[str, str | None, str]) -> dict:
         "d_model": cfg.model.d_model,
         "eval_episodes": cfg.eval.episodes,
         "greedy": cfg.eval.greedy,
+        "workers": workers,
+        "source": cfg.data.source,
     }
 
 
@@ -97,18 +104,18 @@ def section(throughput: dict, results: list[dict], note: str, title: str = "In-c
     out += [
         "### Data generation (batched NumPy envs)",
         "",
-        "| env | random-action env steps/s (4096 envs) | Q-learning history steps/s |",
-        "|---|---:|---:|",
+        "| env | random-action env steps/s (4096 envs) | Q-learning history steps/s | explorer history steps/s |",
+        "|---|---:|---:|---:|",
     ]
     for env, t in throughput.items():
-        out.append(f"| {env} | {t['env']:,.0f} | {t['qlearn']:,.0f} |")
+        out.append(f"| {env} | {t['env']:,.0f} | {t['qlearn']:,.0f} | {t['explorer']:,.0f} |")
     for r in results:
         s = r["summary"]
         out += [
             "",
-            f"### {r['env']} grid ({r['seconds'] / 60:.1f} min)",
+            f"### {r['env']} grid ({r['seconds'] / 60:.1f} min, {r['workers']} worker process(es))",
             "",
-            f"{r['draws']} random hyperparameter draws per method and budget, {r['steps']} AdamW steps each "
+            f"Histories from the `{r['source']}` source. {r['draws']} random hyperparameter draws per method and budget, {r['steps']} AdamW steps each "
             f"(batch {r['batch']}, context {r['context']} transitions, d_model {r['d_model']}); score = return / "
             f"optimal on 16 held-out tasks, mean of the last 3 of {r['eval_episodes']} in-context episodes "
             f"({'greedy' if r['greedy'] else 'sampled'} actions); held-out loss = lowest action cross-entropy over "
@@ -130,6 +137,8 @@ def section(throughput: dict, results: list[dict], note: str, title: str = "In-c
             f"Transitions to reach {s['threshold']:.0%} of optimal (best draw): "
             + ", ".join(f"{m}: {'not reached' if t is None else f'{t:,}'}" for m, t in reach.items()),
             "",
+            *(f"Data efficiency of {m}: {text}." for m, text in s["data_efficiency"].items()),
+            "",
         ]
     return "\n".join(out) + "\n"
 
@@ -140,7 +149,7 @@ def main() -> None:
     p.add_argument("--darkroom-config", default=None)
     p.add_argument("--keytodoor-config", default=None)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_icrl"))
-    p.add_argument("--sequential", action="store_true", help="run the env grids one after another")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="runs trained at once per grid")
     p.add_argument("--note", default="", help="a line added to the BENCHMARKS.md section")
     p.add_argument("--title", default="In-context RL", help="heading of the BENCHMARKS.md section")
     p.add_argument("--no-append", action="store_true")
@@ -148,15 +157,14 @@ def main() -> None:
     envs = [e for e in args.envs.split(",") if e]
     throughput = {}
     for env in ("darkroom", "keytodoor"):
-        q, _ = qlearning_throughput(env)
-        throughput[env] = {"env": env_throughput(env), "qlearn": q}
-        print(f"{env}: {throughput[env]['env']:,.0f} env steps/s, Q-learning {q:,.0f} steps/s", flush=True)
-    jobs = [(e, getattr(args, f"{e}_config"), args.out) for e in envs]
-    if args.sequential or len(jobs) == 1:
-        results = [run_env_grid(j) for j in jobs]
-    else:
-        with mp.get_context("spawn").Pool(len(jobs)) as pool:
-            results = pool.map(run_env_grid, jobs)
+        q, _ = history_throughput(env)
+        x, _ = history_throughput(env, "explorer")
+        throughput[env] = {"env": env_throughput(env), "qlearn": q, "explorer": x}
+        print(
+            f"{env}: {throughput[env]['env']:,.0f} env steps/s, Q-learning {q:,.0f}, explorer {x:,.0f} steps/s",
+            flush=True,
+        )
+    results = [run_env_grid((e, getattr(args, f"{e}_config"), args.out, args.workers)) for e in envs]
     text = section(throughput, results, args.note, args.title)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)

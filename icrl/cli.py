@@ -40,7 +40,7 @@ env_option = click.option("--env", type=click.Choice(ENVS), required=True, help=
 config_option = click.option(
     "--config",
     default=None,
-    help="JSON config file or a shipped name (darkroom, keytodoor, tiny); default: the env's.",
+    help="JSON config file or a shipped name (darkroom, darkroom_cell, keytodoor, tiny); default: the env's.",
 )
 
 
@@ -150,7 +150,14 @@ def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -
 @env_option
 @config_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory.")
-def run(env: str, config: str | None, out: str) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs trained at once, each in its own process with one torch thread (use the core count).",
+)
+def run(env: str, config: str | None, out: str, workers: int) -> None:
     """Run the config's experiment grid; writes results.csv/.md, summary.json and PNG plots."""
     from icrl.runner import run_grid
 
@@ -159,7 +166,7 @@ def run(env: str, config: str | None, out: str) -> None:
     total = len(g.budgets) * len(g.methods) * g.draws * cfg.train.steps
     with _bar("grid (train steps)", total) as advance:
         try:
-            summary = run_grid(cfg, out, progress=advance, log=click.echo)
+            summary = run_grid(cfg, out, progress=advance, log=click.echo, workers=workers)
         except ValueError as e:
             raise click.ClickException(f"bad config: {e}") from None
     click.echo((Path(out) / "results.md").read_text())

@@ -42,6 +42,8 @@ def in_context_returns(model: ADTransformer, spec: EnvSpec, tasks: np.ndarray, c
     returns = np.zeros((b, cfg.episodes))
     for e in range(cfg.episodes):
         obs = env.reset(rng)
+        if c.episode_marker:  # the first token of an episode carries pads, as in training
+            prev_a, prev_r = np.full(b, c.num_actions), np.full(b, c.num_rewards)
         while not env.done.all():
             active = np.flatnonzero(~env.done)
             for i in active:
@@ -75,7 +77,8 @@ def heldout_loss(model: ADTransformer, h, windows: int = 256, seed: int = 0) -> 
 
     c = model.cfg
     model.eval()
-    s, pa, pr, target = WindowSampler(h, c.seq_len, c.num_actions, c.num_rewards, seed=seed).sample(windows)
+    sampler = WindowSampler(h, c.seq_len, c.num_actions, c.num_rewards, seed, c.episode_marker)
+    s, pa, pr, target = sampler.sample(windows)
     return float(F.cross_entropy(model(s, pa, pr).flatten(0, 1), target.flatten()))
 
 

@@ -1,4 +1,5 @@
-"""Learning histories: batched tabular Q-learning per task, stored flat with per-episode returns.
+"""Learning histories: batched learners per task (tabular Q-learning, a noisy oracle, or a frontier explorer),
+stored flat with per-episode returns.
 
 A dataset holds ``H`` histories (``tasks_per_history`` tells which task each one learns). History ``h`` is the
 slice ``offsets[h]:offsets[h+1]`` of the flat ``states, actions, rewards`` arrays: one entry per env step
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from envs import EnvSpec
-from envs.grid import toward
+from envs.grid import manhattan, toward
+
+SOURCES = ("qlearning", "noisy_oracle", "explorer")
 
 
 @dataclass
@@ -30,9 +33,11 @@ class DataConfig:
     eps_decay_frac: float = 0.9  # epsilon falls linearly 1 -> 0 over this fraction of the episodes
     split_seed: int = 0  # seed of the train/test task split
     seed: int = 0  # seed of the Q-learners and env starts
-    # "qlearning": the issue's source; "noisy_oracle": ADε-style shortest-path agent with the same epsilon
-    # schedule (acts on the true task, a cleaner learning signal; used only as a labelled supplement)
+    # "qlearning": the paper's grid source; "noisy_oracle": ADε-style shortest-path agent with the same epsilon
+    # schedule (acts on the true task); "explorer": a frontier-search learner that knows only what its own
+    # history shows (see `Explorer`): it searches until the first reward, then exploits
     source: str = "qlearning"
+    noise: float = 0.0  # explorer only: probability of a uniformly random action at every step
 
     def __post_init__(self):
         for name in ("n_train_tasks", "histories_per_task", "episodes_per_history", "subsample"):
@@ -40,8 +45,10 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_test_tasks < 0:
             raise ValueError("data.n_test_tasks must be >= 0")
-        if self.source not in ("qlearning", "noisy_oracle"):
-            raise ValueError(f"data.source must be 'qlearning' or 'noisy_oracle', got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"data.noise must be in [0, 1), got {self.noise}")
         if not (0 < self.lr <= 1 and 0 <= self.gamma < 1 and 0 < self.eps_decay_frac <= 1):
             raise ValueError("data.lr must be in (0, 1], data.gamma in [0, 1), data.eps_decay_frac in (0, 1]")
 
@@ -56,6 +63,7 @@ class Histories:
     tasks: np.ndarray  # (H,) or (H, 2) task of each history
     env: str
     env_kwargs: dict
+    starts: np.ndarray | None = None  # (N,) bool, True on the first step of every kept episode
 
     @property
     def total_transitions(self) -> int:
@@ -77,6 +85,7 @@ class Histories:
             offsets=self.offsets,
             returns=self.returns,
             tasks=self.tasks,
+            starts=self.starts if self.starts is not None else np.zeros(0, bool),
             meta=np.array(meta),
         )
 
@@ -84,6 +93,7 @@ class Histories:
     def load(cls, path: str | Path) -> Histories:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
+            starts = z["starts"] if "starts" in z and len(z["starts"]) else None  # older files have none
             return cls(
                 z["states"],
                 z["actions"],
@@ -93,6 +103,7 @@ class Histories:
                 z["tasks"],
                 meta["env"],
                 meta["env_kwargs"],
+                starts,
             )
 
 
@@ -115,21 +126,29 @@ def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, prog
     lengths = np.zeros((b, E), np.int64)
     returns = np.zeros((b, E))
     fill = np.zeros(b, np.int64)
+    explorer = Explorer(spec, b, rng) if cfg.source == "explorer" else None
     for e in range(E):
-        eps = max(0.0, 1.0 - e / max(1.0, cfg.eps_decay_frac * E))
+        eps = cfg.noise if explorer else max(0.0, 1.0 - e / max(1.0, cfg.eps_decay_frac * E))
         obs = env.reset(rng)
         mem = np.zeros(b, np.int64)  # rewards seen this episode, capped at levels - 1
+        if explorer:
+            explorer.observe(obs, np.zeros(b), mem, np.ones(b, bool))
         for _ in range(T):
             active = ~env.done
             if not active.any():
                 break
             qs = obs + s_n * mem
-            greedy = (
-                q[idx, qs].argmax(-1) if cfg.source == "qlearning" else oracle_action(spec, tasks, obs, mem)
-            )
+            if cfg.source == "qlearning":
+                greedy = q[idx, qs].argmax(-1)
+            elif explorer:
+                greedy = explorer.act(obs, mem)
+            else:
+                greedy = oracle_action(spec, tasks, obs, mem)
             explore = rng.random(b) < eps
             act = np.where(explore, rng.integers(0, a_n, size=b), greedy)
             nxt, rew, term, _ = env.step(act)
+            if explorer:
+                explorer.observe(nxt, rew, mem, active)
             mem = np.minimum(mem + (rew > 0), levels - 1)
             target = rew + cfg.gamma * (~term) * q[idx, nxt + s_n * mem].max(-1)
             q[idx, qs, act] += active * cfg.lr * (target - q[idx, qs, act])
@@ -147,7 +166,7 @@ def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, prog
             progress(1)
     keep = np.zeros(E, bool)
     keep[:: cfg.subsample] = True
-    parts_s, parts_a, parts_r, offsets = [], [], [], [0]
+    parts_s, parts_a, parts_r, parts_start, offsets = [], [], [], [], [0]
     for h in range(b):
         ends = np.cumsum(lengths[h])
         mask = np.repeat(keep, lengths[h])  # which flat steps belong to kept episodes
@@ -155,6 +174,9 @@ def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, prog
         parts_s.append(buf_s[h, :n][mask])
         parts_a.append(buf_a[h, :n][mask])
         parts_r.append(buf_r[h, :n][mask])
+        start = np.zeros(int(mask.sum()), bool)
+        start[np.concatenate([[0], np.cumsum(lengths[h][keep])[:-1]])] = True
+        parts_start.append(start)
         offsets.append(offsets[-1] + int(mask.sum()))
     return Histories(
         np.concatenate(parts_s),
@@ -165,6 +187,7 @@ def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, prog
         tasks,
         spec.name,
         dict(spec.kwargs),
+        np.concatenate(parts_start),
     )
 
 
@@ -173,6 +196,52 @@ def oracle_action(spec: EnvSpec, tasks: np.ndarray, obs: np.ndarray, mem: np.nda
     if spec.name == "darkroom":
         return toward(obs, tasks, spec.size)
     return toward(obs, np.where(mem > 0, tasks[:, 1], tasks[:, 0]), spec.size)
+
+
+class Explorer:
+    """A learner that knows only its own history: frontier search until a reward, then exploitation.
+
+    Dark Room: walk (shortest path, vertical first) to the nearest cell not yet visited in this history, ties
+    broken at random, until a reward reveals the goal; from then on go to the goal and stay. Key-to-Door: the
+    same search for the key (every cell visited before the key is found is ruled out), then for the door (only
+    cells visited while holding the key are ruled out, since the door is silent without it); once both are
+    known, key then door. Its returns improve within a few episodes and reach the optimum once the task is
+    solved, so a context of a few episodes shows search turning into exploitation: the improvement operator
+    that AD distils (departure from the paper, whose grid histories come from Q-learning; see icrl/README.md).
+    ``noise`` random actions (DataConfig) are mixed in by the caller."""
+
+    def __init__(self, spec: EnvSpec, b: int, rng: np.random.Generator):
+        s_n = spec.num_states
+        self.spec, self.rng, self.levels = spec, rng, 2 if spec.name == "keytodoor" else 1
+        cells = np.arange(s_n)
+        self.dist = manhattan(cells[:, None], cells[None, :], spec.size)  # (S, S)
+        self.ruled_out = np.zeros((self.levels, b, s_n), bool)  # per search phase: cells known not to pay
+        self.known = np.full((self.levels, b), -1)  # per phase: the rewarding cell once seen, else -1
+        self.target = np.full((self.levels, b), -1)  # per phase: the cell being walked to
+        self.idx = np.arange(b)
+
+    def observe(self, cells: np.ndarray, rew: np.ndarray, phase: np.ndarray, active: np.ndarray):
+        """cells: (b,) where each env is now (after reset or a step); rew: (b,) the reward of that step;
+        phase: (b,) rewards seen this episode before it (the search it belonged to); only ``active`` envs moved."""
+        found, silent = active & (rew > 0), active & (rew == 0)
+        self.known[phase[found], self.idx[found]] = cells[found]
+        self.ruled_out[phase[silent], self.idx[silent], cells[silent]] = True
+
+    def act(self, obs: np.ndarray, mem: np.ndarray) -> np.ndarray:
+        """obs, mem: (b,) -> (b,) actions."""
+        known, target = self.known[mem, self.idx], self.target[mem, self.idx]
+        ruled = self.ruled_out[mem, self.idx]  # (b, S)
+        stale = (target < 0) | ruled[self.idx, np.maximum(target, 0)]
+        if stale.any():  # a new frontier target: the nearest cell not ruled out (random ties)
+            cost = (
+                self.dist[obs[stale]]
+                + 1000 * ruled[stale]
+                + self.rng.random((int(stale.sum()), ruled.shape[1]))
+            )
+            target = target.copy()
+            target[stale] = cost.argmin(-1)
+            self.target[mem[stale], self.idx[stale]] = target[stale]
+        return toward(obs, np.where(known >= 0, known, target), self.spec.size)
 
 
 def improvement(h: Histories, frac: float = 0.1) -> dict:

@@ -1,7 +1,8 @@
 """Algorithm Distillation transformer with optional n-gram layers (Zisman et al.) and a permuted-mask control.
 
 One token per transition: token t = Emb(a_{t-1}) + Emb(r_{t-1}) + Emb(s_t) + Emb(pos t) (a sum of embeddings
-is a concat followed by a Linear). Causal, pre-norm; the head predicts a_t at every position.
+is a concat followed by a Linear); at a history start (and at every episode start with ``episode_marker``)
+a_{t-1} and r_{t-1} are pad ids. Causal, pre-norm; the head predicts a_t at every position.
 Dimensions: b batch, l sequence length (transitions in the window), d model width.
 """
 
@@ -39,6 +40,9 @@ class ADConfig:
     # "cell": one embedding per cell index; "rowcol": Emb(row) + Emb(col) of the square grid, so a goal cell
     # never seen as a goal in training still shares its row and column features with seen ones
     state_emb: str = "cell"
+    # True: the first token of every episode carries the pad action / reward, as a history's first token does,
+    # so the model sees where episodes begin (Key-to-Door episodes have random starts and lengths)
+    episode_marker: bool = False
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -165,7 +169,12 @@ class ADTransformer(nn.Module):
         if l > self.cfg.seq_len:
             raise ValueError(f"sequence of {l} transitions is longer than seq_len={self.cfg.seq_len}")
         pos = torch.arange(l, device=states.device)
-        x = self.embed_states(states) + self.emb_a(prev_actions) + self.emb_r(prev_rewards) + self.emb_pos(pos)
+        x = (
+            self.embed_states(states)
+            + self.emb_a(prev_actions)
+            + self.emb_r(prev_rewards)
+            + self.emb_pos(pos)
+        )
         x = self.emb_drop(x)
         a = self.ngram_matrices(states, prev_actions, prev_rewards) if self.cfg.ngram_layers else None
         for block in self.blocks:

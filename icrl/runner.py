@@ -75,12 +75,21 @@ def run_one(
     return row, returns / optimal[:, None], model
 
 
-def run_grid(cfg: ExperimentConfig, out: str | Path, progress=None, log=print) -> dict:
-    """Run the whole grid; writes results.csv, results.md, summary.json and plots into ``out``."""
+def _run_job(job: tuple, progress=None) -> tuple:
+    """One (method, budget, draw) run -> (key, row, mean normalised return per episode); picklable for workers."""
+    cfg, h, test, overrides, hp, draw, test_h, key = job
+    row, norm_returns, _ = run_one(cfg, h, test, overrides, hp, draw, progress, test_h)
+    return key, row, norm_returns.mean(0)
+
+
+def run_grid(cfg: ExperimentConfig, out: str | Path, progress=None, log=print, workers: int = 1) -> dict:
+    """Run the whole grid; writes results.csv, results.md, summary.json and plots into ``out``.
+    ``workers`` > 1 trains that many runs at once in separate processes (one torch thread each); the results
+    are the same as with one worker, since every run is seeded by its draw index."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = cfg.grid
-    rows, curves = [], {}
+    jobs, meta = [], {}
     for b_i, budget in enumerate(g.budgets):
         data_cfg = replace(cfg.data, **budget)
         h, info = generate(cfg.spec, data_cfg)
@@ -95,23 +104,42 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, progress=None, log=print) -
         )
         for method, overrides in g.methods.items():
             for draw in range(g.draws):
-                hp = draw_hparams(g.search, g.seed, draw)
-                row, norm_returns, _ = run_one(cfg, h, test, overrides, hp, draw, progress, test_h)
-                row = {
+                key = (method, b_i, draw)
+                meta[key] = {
                     "method": method,
                     "budget": b_i,
                     "transitions": info["transitions"],
                     "n_train_tasks": data_cfg.n_train_tasks,
                     "histories": info["histories"],
                     "draw": draw,
-                    **row,
                 }
-                rows.append(row)
-                curves[(method, b_i, draw)] = norm_returns.mean(0)
-                log(
-                    f"  {method:>8} draw {draw}: score {row['score']:.3f} (loss {row['final_loss']:.3f}, held-out {row['test_loss']:.3f}, "
-                    f"{row['train_s']}s train)"
+                jobs.append(
+                    (cfg, h, test, overrides, draw_hparams(g.search, g.seed, draw), draw, test_h, key)
                 )
+    results = {}
+
+    def record(key, row, curve):
+        results[key] = ({**meta[key], **row}, curve)
+        log(
+            f"  {key[0]:>8} budget {key[1]} draw {key[2]}: score {row['score']:.3f} (loss {row['final_loss']:.3f}, "
+            f"held-out {row['test_loss']:.3f}, {row['train_s']}s train)"
+        )
+
+    if workers <= 1:
+        for job in jobs:
+            record(*_run_job(job, progress))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_job, job) for job in jobs]
+            for fut in as_completed(futures):
+                record(*fut.result())
+                if progress is not None:
+                    progress(cfg.train.steps)
+    rows = [results[job[-1]][0] for job in jobs]  # grid order, whatever order the workers finished in
+    curves = {job[-1]: results[job[-1]][1] for job in jobs}
     summary = summarize(rows, g.threshold)
     write_results(out, rows, summary, cfg)
     plot_results(out, rows, curves, summary, cfg.spec.name)
@@ -143,6 +171,30 @@ def summarize(rows: list[dict], threshold: float) -> dict:
             if reached is None and max(scores) >= threshold:
                 reached = cell[0]["transitions"]
         out["transitions_to_threshold"][method] = reached
+    out["data_efficiency"] = data_efficiency(out["transitions_to_threshold"])
+    return out
+
+
+def data_efficiency(reached: dict[str, int | None]) -> dict[str, str]:
+    """How many times fewer transitions each method needs than the first (the baseline) to reach the
+    threshold: a number when both reach it, a bound when only one does, 'untested' when neither does."""
+    (base, t_base), *others = reached.items()
+    out = {}
+    for method, t in others:
+        if t is not None and t_base is not None:
+            ratio = t_base / t
+            if ratio == 1:
+                out[method] = f"the same number of transitions as {base}"
+            elif ratio > 1:
+                out[method] = f"{ratio:.3g}x fewer than {base}"
+            else:
+                out[method] = f"{1 / ratio:.3g}x more than {base}"
+        elif t is not None:
+            out[method] = f"reached; {base} did not (ratio > grid span)"
+        elif t_base is not None:
+            out[method] = f"not reached; {base} reached at {t_base:,}"
+        else:
+            out[method] = "untested: neither reached the threshold"
     return out
 
 
@@ -189,6 +241,8 @@ def markdown_table(summary: dict) -> str:
     lines.append("")
     for method, t in summary["transitions_to_threshold"].items():
         lines.append(f"- {method}: {'not reached' if t is None else f'{t:,}'}")
+    for method, text in summary.get("data_efficiency", {}).items():
+        lines.append(f"- data efficiency of {method}: {text}")
     return "\n".join(lines) + "\n"
 
 

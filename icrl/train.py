@@ -37,9 +37,18 @@ class TrainConfig:
 
 class WindowSampler:
     """Random windows of ``seq_len`` consecutive transitions inside one history.
-    Token t of a window carries s_t, a_{t-1}, r_{t-1} (pads at a history start) and the target a_t."""
+    Token t of a window carries s_t, a_{t-1}, r_{t-1} (pads at a history start, and at every episode start with
+    ``episode_marker``) and the target a_t."""
 
-    def __init__(self, h: Histories, seq_len: int, num_actions: int, num_rewards: int, seed: int = 0):
+    def __init__(
+        self,
+        h: Histories,
+        seq_len: int,
+        num_actions: int,
+        num_rewards: int,
+        seed: int = 0,
+        episode_marker: bool = False,
+    ):
         n = h.total_transitions
         self.states = torch.from_numpy(h.states.astype(np.int64))
         self.actions = torch.from_numpy(h.actions.astype(np.int64))
@@ -47,6 +56,10 @@ class WindowSampler:
         prev_r = np.concatenate([[num_rewards], h.rewards[:-1]]).astype(np.int64)
         starts = h.offsets[:-1]
         prev_a[starts], prev_r[starts] = num_actions, num_rewards
+        if episode_marker:
+            if h.starts is None:
+                raise ValueError("these histories carry no episode starts (an old file); generate them again")
+            prev_a[h.starts], prev_r[h.starts] = num_actions, num_rewards
         self.prev_a, self.prev_r = torch.from_numpy(prev_a), torch.from_numpy(prev_r)
         lengths = np.diff(h.offsets)
         if lengths.min() < seq_len:
@@ -83,7 +96,9 @@ def train(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     model = ADTransformer(model_cfg)
-    sampler = WindowSampler(h, model_cfg.seq_len, model_cfg.num_actions, model_cfg.num_rewards, seed=cfg.seed)
+    sampler = WindowSampler(
+        h, model_cfg.seq_len, model_cfg.num_actions, model_cfg.num_rewards, cfg.seed, model_cfg.episode_marker
+    )
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from icrl.cli import icrl
 from icrl.config import load_config
-from icrl.runner import draw_hparams
+from icrl.runner import data_efficiency, draw_hparams
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -130,3 +130,25 @@ def test_shipped_configs_load_and_draws_are_seeded():
     a, b = draw_hparams(search, 0, 3), draw_hparams(search, 0, 3)
     assert a == b and 1e-4 <= a["train.lr"] <= 1e-2 and a["model.ngram_orders"] in ([1], [2], [3])
     assert draw_hparams(search, 0, 4) != a
+
+
+def test_workers_give_the_same_grid(tmp_path):
+    """Runs trained in 2 worker processes give the same rows as one process (each run is seeded by its draw)."""
+    from icrl.runner import run_grid
+
+    cfg = load_config("darkroom", "tiny")
+    one = run_grid(cfg, tmp_path / "one", log=lambda s: None)
+    two = run_grid(cfg, tmp_path / "two", log=lambda s: None, workers=2)
+    assert one["cells"] == two["cells"]
+    rows = [list(csv.DictReader(open(tmp_path / d / "results.csv"))) for d in ("one", "two")]
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # timings differ
+    assert strip(rows[0]) == strip(rows[1])
+
+
+def test_data_efficiency_wording():
+    assert data_efficiency({"ad": 61440, "ngram": 3840}) == {"ngram": "16x fewer than ad"}
+    assert data_efficiency({"ad": 3840, "ngram": 61440}) == {"ngram": "16x more than ad"}
+    assert data_efficiency({"ad": 3840, "ngram": 3840}) == {"ngram": "the same number of transitions as ad"}
+    assert data_efficiency({"ad": None, "ngram": 3840})["ngram"].startswith("reached; ad did not")
+    assert data_efficiency({"ad": 1920, "ngram": None})["ngram"] == "not reached; ad reached at 1,920"
+    assert data_efficiency({"ad": None, "ngram": None})["ngram"].startswith("untested")

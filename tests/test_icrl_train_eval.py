@@ -112,10 +112,12 @@ def test_heldout_loss_matches_manual_cross_entropy():
     assert heldout_loss(model, h, windows=16) == pytest.approx(float(-logp[target].mean()), rel=1e-5)
 
 
-def test_eval_context_tokens_match_training_windows():
+@pytest.mark.parametrize("marker", [False, True])
+def test_eval_context_tokens_match_training_windows(marker):
     """Train/eval parity (checked while diagnosing the non-learning AD baseline): the context the evaluator
     feeds for a trajectory is token for token what WindowSampler builds from the same trajectory stored as a
-    history, across episode boundaries (s_t with a_{t-1}, r_{t-1}; pads only at the history start)."""
+    history, across episode boundaries (s_t with a_{t-1}, r_{t-1}; pads at the history start, and at every
+    episode start with the episode marker)."""
     from icrl.histories import Histories
     from icrl.train import WindowSampler
 
@@ -127,7 +129,7 @@ def test_eval_context_tokens_match_training_windows():
             return super().forward(states, prev_actions, prev_rewards)
 
     spec = EnvSpec("darkroom")
-    model = Recorder(ADConfig(seq_len=60))
+    model = Recorder(ADConfig(seq_len=60, episode_marker=marker))
     in_context_returns(model, spec, np.array([44]), EvalConfig(episodes=3, last_k=1))  # goal: right wall
     s_eval, pa_eval, pr_eval = seen[-1]  # last step: the whole 3-episode trajectory, 60 tokens
     env, states, rewards = spec.batched(np.array([44])), [], []
@@ -146,10 +148,16 @@ def test_eval_context_tokens_match_training_windows():
         np.array([44]),
         "darkroom",
         dict(spec.kwargs),
+        np.arange(60) % 20 == 0,
     )
-    s, pa, pr, target = WindowSampler(h, 60, 5, 2).sample(1)
+    s, pa, pr, target = WindowSampler(h, 60, 5, 2, episode_marker=marker).sample(1)
     assert torch.equal(s, s_eval) and torch.equal(pa, pa_eval) and torch.equal(pr, pr_eval)
-    assert (target == 2).all() and pr[0, 20] == 1  # the first token of episode 2 carries the last reward
+    assert (target == 2).all()
+    if marker:  # episode starts carry the pads (action 5, reward 2)
+        assert pa[0, [0, 20, 40]].tolist() == [5, 5, 5] and pr[0, [0, 20, 40]].tolist() == [2, 2, 2]
+        assert (pa[0, 1:20] == 2).all()
+    else:  # the first token of episode 2 carries the last step of episode 1
+        assert pr[0, 20] == 1 and pa[0, 20] == 2
 
 
 def test_rowcol_state_embedding_shares_row_and_column_features():
