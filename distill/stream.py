@@ -131,10 +131,11 @@ class ParquetSource(_RangedSource):
                 self.groups.append((row, i, g))
                 row += meta.row_group(g).num_rows
         self.span = row
+        self._firsts = [g[0] for g in self.groups]
         self._split_heldout()
 
     def read(self, lo, hi):
-        k = max(0, bisect.bisect_right([g[0] for g in self.groups], lo) - 1)
+        k = max(0, bisect.bisect_right(self._firsts, lo) - 1)
         for first, i, g in self.groups[k:]:
             if first >= hi:
                 break

@@ -126,7 +126,7 @@ def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, prog
     lengths = np.zeros((b, E), np.int64)
     returns = np.zeros((b, E))
     fill = np.zeros(b, np.int64)
-    explorer = Explorer(spec, b, rng) if cfg.source == "explorer" else None
+    explorer = Explorer(spec, b, levels, rng) if cfg.source == "explorer" else None
     for e in range(E):
         eps = cfg.noise if explorer else max(0.0, 1.0 - e / max(1.0, cfg.eps_decay_frac * E))
         obs = env.reset(rng)
@@ -150,8 +150,9 @@ def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, prog
             if explorer:
                 explorer.observe(nxt, rew, mem, active)
             mem = np.minimum(mem + (rew > 0), levels - 1)
-            target = rew + cfg.gamma * (~term) * q[idx, nxt + s_n * mem].max(-1)
-            q[idx, qs, act] += active * cfg.lr * (target - q[idx, qs, act])
+            if cfg.source == "qlearning":  # the other sources ignore the table
+                target = rew + cfg.gamma * (~term) * q[idx, nxt + s_n * mem].max(-1)
+                q[idx, qs, act] += active * cfg.lr * (target - q[idx, qs, act])
             rows = idx[active]
             buf_s[rows, fill[rows]], buf_a[rows, fill[rows]], buf_r[rows, fill[rows]] = (
                 obs[rows],
@@ -210,9 +211,10 @@ class Explorer:
     that AD distils (departure from the paper, whose grid histories come from Q-learning; see icrl/README.md).
     ``noise`` random actions (DataConfig) are mixed in by the caller."""
 
-    def __init__(self, spec: EnvSpec, b: int, rng: np.random.Generator):
+    def __init__(self, spec: EnvSpec, b: int, levels: int, rng: np.random.Generator):
+        """levels: search phases (1 in Dark Room; 2 in Key-to-Door: key, then door)."""
         s_n = spec.num_states
-        self.spec, self.rng, self.levels = spec, rng, 2 if spec.name == "keytodoor" else 1
+        self.spec, self.rng, self.levels = spec, rng, levels
         cells = np.arange(s_n)
         self.dist = manhattan(cells[:, None], cells[None, :], spec.size)  # (S, S)
         self.ruled_out = np.zeros((self.levels, b, s_n), bool)  # per search phase: cells known not to pay
