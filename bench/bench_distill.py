@@ -19,15 +19,15 @@ import torch
 
 
 def _teacher():
-    from distill.run import get_teacher
+    from llamba.distill.run import get_teacher
 
     return get_teacher("default", torch.device("cpu"))
 
 
 def bench_init(eval_tokens: int = 512) -> None:
-    from distill.data import build_token_data, load_documents
-    from distill.evaluate import evaluate_tokens
-    from distill.init import build_student
+    from llamba.distill.data import build_token_data, load_documents
+    from llamba.distill.evaluate import evaluate_tokens
+    from llamba.distill.init import build_student
 
     t = _teacher()
     held = build_token_data(load_documents(None), t.tokenizer, 256).heldout[: eval_tokens // 256]
@@ -43,8 +43,8 @@ def bench_throughput(batch: int = 2, seq_len: int = 128, reps: int = 3, chunk_si
     and the median ratio is reported (the CPU is shared, so load drifts between measurements)."""
     import statistics
 
-    from distill.init import build_student
-    from distill.losses import kd_loss
+    from llamba.distill.init import build_student
+    from llamba.distill.losses import kd_loss
 
     t = _teacher()
     ids = torch.randint(0, t.model.config.vocab_size, (batch, seq_len))
@@ -106,10 +106,10 @@ def bench_stream(copies: int = 120, seq_len: int = 256, batches: int = 1000, bat
 
     from transformers import AutoTokenizer
 
-    from distill.data import load_documents, python_docs_corpus
-    from distill.distributed import DistContext
-    from distill.stream import TokenStream, open_source
-    from distill.teacher import embedded_gguf
+    from llamba.distill.data import load_documents, python_docs_corpus
+    from llamba.distill.distributed import DistContext
+    from llamba.distill.stream import TokenStream, open_source
+    from llamba.distill.teacher import embedded_gguf
 
     gguf = embedded_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -21,8 +21,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from envs import EnvSpec  # noqa: E402
-from icrl.histories import DataConfig, generate  # noqa: E402
+from llamba.envs import EnvSpec  # noqa: E402
+from llamba.icrl.histories import DataConfig, generate  # noqa: E402
 
 
 def env_throughput(name: str, b: int = 4096, steps: int = 2000) -> float:
@@ -57,8 +57,8 @@ def run_env_grid(args: tuple[str, str | None, str, int]) -> dict:
     env, config, out, workers = args
     import torch
 
-    from icrl.config import load_config
-    from icrl.runner import run_grid
+    from llamba.icrl.config import load_config
+    from llamba.icrl.runner import run_grid
 
     torch.set_num_threads(1)
     cfg = load_config(env, config)

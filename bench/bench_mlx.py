@@ -30,9 +30,9 @@ import mlx_lm
 import torch
 from mlx_lm.models.cache import make_prompt_cache
 
-from export.convert import convert
-from export.mlx_generate import load
 from llamba.config import LlambaConfig
+from llamba.export.convert import convert
+from llamba.export.mlx_generate import load
 from llamba.model import LlambaForCausalLM
 
 VARIANTS = {  # name -> (dtype of unquantized weights and activations, q_bits)

@@ -7,8 +7,8 @@ import json
 
 import click
 
-from distill.distributed import STRATEGIES, TEACHER_STRATEGIES
-from distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN
+from llamba.distill.distributed import STRATEGIES, TEACHER_STRATEGIES
+from llamba.distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN
 
 ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
 
@@ -25,7 +25,7 @@ def _one_line_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from distill.run import Interrupted
+        from llamba.distill.run import Interrupted
 
         try:
             return fn(*args, **kwargs)
@@ -258,7 +258,7 @@ def _make_stage_command(stage: int):
     @_one_line_errors
     def command(**o):
         _quiet_hf()
-        from distill.run import distill_stage
+        from llamba.distill.run import distill_stage
 
         summary = distill_stage(
             stage,
@@ -298,7 +298,7 @@ for _k in (1, 2, 3):
 def all_cmd(**o):
     """Init, stages 1-3 and the held-out evaluation, resumable (the README's main job)."""
     _quiet_hf()
-    from distill.run import DEFAULT_TOTAL_TOKENS, distill_all
+    from llamba.distill.run import DEFAULT_TOTAL_TOKENS, distill_all
 
     result = distill_all(
         tokens=o["tokens"] or DEFAULT_TOTAL_TOKENS,
@@ -333,7 +333,7 @@ def all_cmd(**o):
 def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, stream, as_json):
     """Teacher vs student: perplexity, mean KL, top-1 agreement, per-layer hidden-state error."""
     _quiet_hf()
-    from distill.evaluate import evaluate
+    from llamba.distill.evaluate import evaluate
 
     ev = evaluate(
         model,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from distill.teacher import cache_root
+from llamba.distill.teacher import cache_root
 
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 0  # the held-out split does not depend on the run seed: every run evaluates on the same text

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.data import load_documents, pack, split_documents
-from distill.teacher import teacher_residuals
+from llamba.distill.data import load_documents, pack, split_documents
+from llamba.distill.teacher import teacher_residuals
 
 
 @torch.no_grad()
@@ -72,7 +72,7 @@ def heldout_rows(teacher, seq_len: int, data=None, text_field: str = "text", doc
     """The held-out rows (n, seq_len) of `--data` for a run.Teacher: the fixed 10% document split in memory, or the
     stream's held-out documents (distill/stream.py) with `stream`."""
     if stream:
-        from distill.stream import open_source
+        from llamba.distill.stream import open_source
 
         held = open_source(data, text_field, teacher.model, teacher.tokenizer, docs).heldout
     else:
@@ -99,8 +99,8 @@ def evaluate(
     (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used; `stream`: the
     held-out documents of a `--stream` run). Evaluates on up to max_tokens held-out tokens in rows of seq_len.
     Returns the metrics dict of `evaluate_tokens`."""
-    from distill.run import get_teacher, resolve_device
     from llamba.checkpoints import load_model
+    from llamba.distill.run import get_teacher, resolve_device
 
     dev = resolve_device(device)
     t = get_teacher(teacher, dev)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from distill.data import TokenData, build_token_data, load_documents
-from distill.distributed import (
+from llamba.checkpoints import load_model
+from llamba.distill.data import TokenData, build_token_data, load_documents
+from llamba.distill.distributed import (
     DistContext,
     bf16_supported,
     check_memory_plan,
@@ -41,10 +42,10 @@ from distill.distributed import (
     wrap_student,
     wrap_teacher,
 )
-from distill.init import build_student
-from distill.plots import plot_stage
-from distill.schedule import wsd_lr
-from distill.stages import (
+from llamba.distill.init import build_student
+from llamba.distill.plots import plot_stage
+from llamba.distill.schedule import wsd_lr
+from llamba.distill.stages import (
     STAGE_STEPS,
     StageSpec,
     default_spec,
@@ -52,9 +53,8 @@ from distill.stages import (
     split_budget,
     trainable_parameters,
 )
-from distill.stream import TokenStream, open_source
-from distill.teacher import load_teacher
-from llamba.checkpoints import load_model
+from llamba.distill.stream import TokenStream, open_source
+from llamba.distill.teacher import load_teacher
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
 DEFAULT_TOTAL_TOKENS = 24_000  # 12,000 took 11 min of training on the shared 2-core CPU (BENCHMARKS.md)
@@ -431,7 +431,7 @@ def distill_all(
     tokens: total budget, split 3.75% / 33.75% / 62.5% over the stages; spec_overrides apply to every stage and
     stage_overrides = {k: {...}} to stage k only. Returns {"init": {...}, "stages": {k: summary},
     "eval": evaluate(...) dict, "out": str}; the evaluation is also written to RUN_DIR/eval.json."""
-    from distill.evaluate import evaluate, evaluate_tokens, heldout_rows
+    from llamba.distill.evaluate import evaluate, evaluate_tokens, heldout_rows
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss
-from distill.teacher import AttentionMaps, teacher_residuals
+from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss
+from llamba.distill.teacher import AttentionMaps, teacher_residuals
 
 # Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B.
 DEFAULT_LR = {1: 1e-4, 2: 1e-4, 3: 5e-5}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from distill.data import (
+from llamba.distill.data import (
     HELDOUT_FRACTION,
     DataError,
     doc_tokens,

@@ -5,12 +5,12 @@ Importing the package registers ``DarkRoom-v0`` and ``KeyToDoor-v0`` with gymnas
 
 import gymnasium as gym
 
-from envs.batched import BatchedDarkRoom, BatchedKeyToDoor
-from envs.darkroom import DarkRoom, darkroom_optimal_return
-from envs.keytodoor import KeyToDoor, keytodoor_optimal_return
-from envs.tasks import EnvSpec, darkroom_split, keytodoor_split, optimal_return
+from llamba.envs.batched import BatchedDarkRoom, BatchedKeyToDoor
+from llamba.envs.darkroom import DarkRoom, darkroom_optimal_return
+from llamba.envs.keytodoor import KeyToDoor, keytodoor_optimal_return
+from llamba.envs.tasks import EnvSpec, darkroom_split, keytodoor_split, optimal_return
 
-for _id, _entry in (("DarkRoom-v0", "envs.darkroom:DarkRoom"), ("KeyToDoor-v0", "envs.keytodoor:KeyToDoor")):
+for _id, _entry in (("DarkRoom-v0", "llamba.envs.darkroom:DarkRoom"), ("KeyToDoor-v0", "llamba.envs.keytodoor:KeyToDoor")):
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_entry)
 

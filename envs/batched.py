@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.grid import move
+from llamba.envs.grid import move
 
 
 class BatchedDarkRoom:

@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.grid import NUM_ACTIONS, manhattan, move, to_cell
+from llamba.envs.grid import NUM_ACTIONS, manhattan, move, to_cell
 
 
 class KeyToDoor(gym.Env):

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from envs.batched import BatchedDarkRoom, BatchedKeyToDoor
-from envs.darkroom import DarkRoom, darkroom_optimal_return
-from envs.grid import NUM_ACTIONS, to_cell
-from envs.keytodoor import KeyToDoor, keytodoor_optimal_return
+from llamba.envs.batched import BatchedDarkRoom, BatchedKeyToDoor
+from llamba.envs.darkroom import DarkRoom, darkroom_optimal_return
+from llamba.envs.grid import NUM_ACTIONS, to_cell
+from llamba.envs.keytodoor import KeyToDoor, keytodoor_optimal_return
 
 
 def darkroom_split(n_train: int, n_test: int, seed: int = 0, size: int = 9) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from export.convert import ExportError, load_tokenizer
+from llamba.export.convert import ExportError, load_tokenizer
 from llamba.generate import SamplingParams, chat_stop_ids, incremental_ids
 
 MLX_INSTALL = "pip install 'mlx-lm[cpu]' (Linux) or pip install mlx-lm (macOS), or pip install -e '.[mlx]'"
@@ -32,7 +32,7 @@ class MlxEngine:
 
     def __init__(self, path: str | Path):
         require_mlx()
-        from export import mlx_generate
+        from llamba.export import mlx_generate
 
         self._gen = mlx_generate
         self.model, self.tokenizer = mlx_generate.load(path)

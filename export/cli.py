@@ -9,8 +9,8 @@ import time
 
 import click
 
-from export.chat import ChatSession, TextStream, open_engine, prompt_messages, render, require_mlx
-from export.convert import DTYPES, Q_GROUP_SIZES, ExportError
+from llamba.export.chat import ChatSession, TextStream, open_engine, prompt_messages, render, require_mlx
+from llamba.export.convert import DTYPES, Q_GROUP_SIZES, ExportError
 from llamba.generate import SamplingParams, chat_stop_ids
 
 BACKENDS = ("auto", "mlx", "torch")
@@ -38,7 +38,7 @@ def export_mlx(model_path, out_dir, q_bits, q_group_size, dtype, tokenizer) -> N
     """Write an MLX model directory that `llamba chat` and mlx-lm (--trust-remote-code) load."""
     try:
         require_mlx()
-        from export.convert import convert
+        from llamba.export.convert import convert
 
         out = convert(model_path, out_dir, q_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size),
                       dtype=dtype, tokenizer=tokenizer)

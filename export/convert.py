@@ -30,14 +30,14 @@ class ExportError(ValueError):
 def sanitize(weights: dict, config) -> dict:
     """PyTorch names/shapes -> MLX model's (see `mlx_llamba.sanitize`). weights: {name: mx.array};
     config: a LlambaConfig, a config dict or ModelArgs."""
-    from export import mlx_llamba
+    from llamba.export import mlx_llamba
 
     return mlx_llamba.sanitize(weights, model_args(config))
 
 
 def model_args(config):
     """LlambaConfig | dict | ModelArgs -> mlx_llamba.ModelArgs."""
-    from export import mlx_llamba
+    from llamba.export import mlx_llamba
 
     if isinstance(config, mlx_llamba.ModelArgs):
         return config
@@ -71,8 +71,8 @@ def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = No
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from export import mlx_llamba
     from llamba.checkpoints import CheckpointError, load_model
+    from llamba.export import mlx_llamba
 
     model_path, out = Path(model_path), Path(out_dir)
     if dtype not in DTYPES:

@@ -15,8 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from export import mlx_llamba
-from export.convert import MODEL_FILE, ExportError
+from llamba.export import mlx_llamba
+from llamba.export.convert import MODEL_FILE, ExportError
 from llamba.generate import SamplingParams
 
 

@@ -13,7 +13,7 @@ ENVS = ("darkroom", "keytodoor")
 
 
 def _load(env: str, config: str | None):
-    from icrl.config import load_config
+    from llamba.icrl.config import load_config
 
     try:
         return load_config(env, config)
@@ -55,7 +55,7 @@ def icrl() -> None:
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output .npz file.")
 def generate(env: str, config: str | None, out: str) -> None:
     """Generate Q-learning histories on the training tasks."""
-    from icrl.histories import generate as gen
+    from llamba.icrl.histories import generate as gen
 
     cfg = _load(env, config)
     with _bar("Q-learning episodes", cfg.data.episodes_per_history) as advance:
@@ -78,7 +78,7 @@ def train_cmd(env: str, config: str | None, data_path: str, method: str, out: st
     """Train one AD model (plain or n-gram) on saved histories."""
     import torch
 
-    from icrl.train import train
+    from llamba.icrl.train import train
 
     cfg = _load(env, config)
     if method not in cfg.grid.methods:
@@ -115,8 +115,8 @@ def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -
 
     import torch
 
-    from icrl.evaluate import in_context_returns, score
-    from icrl.model import ADTransformer
+    from llamba.icrl.evaluate import in_context_returns, score
+    from llamba.icrl.model import ADTransformer
 
     cfg = _load(env, config)
     if not Path(checkpoint).exists():
@@ -159,7 +159,7 @@ def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -
 )
 def run(env: str, config: str | None, out: str, workers: int) -> None:
     """Run the config's experiment grid; writes results.csv/.md, summary.json and PNG plots."""
-    from icrl.runner import run_grid
+    from llamba.icrl.runner import run_grid
 
     cfg = _load(env, config)
     g = cfg.grid
@@ -174,7 +174,7 @@ def run(env: str, config: str | None, out: str, workers: int) -> None:
 
 
 def _load_histories(path: str, env: str):
-    from icrl.histories import Histories
+    from llamba.icrl.histories import Histories
 
     if not Path(path).exists():
         raise click.ClickException(f"data file {path} not found; create it with `llamba icrl generate`")

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from envs import EnvSpec
-from icrl.evaluate import EvalConfig
-from icrl.histories import DataConfig
-from icrl.model import ADConfig
-from icrl.train import TrainConfig
+from llamba.envs import EnvSpec
+from llamba.icrl.evaluate import EvalConfig
+from llamba.icrl.histories import DataConfig
+from llamba.icrl.model import ADConfig
+from llamba.icrl.train import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SECTIONS = ("env", "data", "model", "train", "eval", "grid", "context_episodes")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from envs import EnvSpec
-from icrl.model import ADTransformer
+from llamba.envs import EnvSpec
+from llamba.icrl.model import ADTransformer
 
 
 @dataclass
@@ -73,7 +73,7 @@ def heldout_loss(model: ADTransformer, h, windows: int = 256, seed: int = 0) -> 
     how well the model imitates the source learner on tasks it never saw."""
     import torch.nn.functional as F
 
-    from icrl.train import WindowSampler
+    from llamba.icrl.train import WindowSampler
 
     c = model.cfg
     model.eval()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from envs import EnvSpec
-from envs.grid import manhattan, toward
+from llamba.envs import EnvSpec
+from llamba.envs.grid import manhattan, toward
 
 SOURCES = ("qlearning", "noisy_oracle", "explorer")
 

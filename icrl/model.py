@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from icrl.ngram import match_keys, ngram_attention, permuted_attention
+from llamba.icrl.ngram import match_keys, ngram_attention, permuted_attention
 
 
 @dataclass

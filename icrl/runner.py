@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from icrl.config import ExperimentConfig
-from icrl.evaluate import expected_max_performance, heldout_loss, in_context_returns, score
-from icrl.histories import generate, q_learning_histories
-from icrl.train import train
+from llamba.icrl.config import ExperimentConfig
+from llamba.icrl.evaluate import expected_max_performance, heldout_loss, in_context_returns, score
+from llamba.icrl.histories import generate, q_learning_histories
+from llamba.icrl.train import train
 
 
 def draw_hparams(search: dict[str, list], seed: int, draw: int) -> dict[str, object]:

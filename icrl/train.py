@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from icrl.histories import Histories
-from icrl.model import ADConfig, ADTransformer
+from llamba.icrl.histories import Histories
+from llamba.icrl.model import ADConfig, ADTransformer
 
 
 @dataclass

@@ -11,12 +11,12 @@ import click
 
 # name -> "module:attribute" of a click command or group.
 SUBCOMMANDS: dict[str, str] = {
-    "distill": "distill.cli:distill",
-    "eval": "distill.cli:eval_cmd",
-    "export": "export.cli:export",
-    "chat": "export.cli:chat",
-    "generate": "export.cli:generate",
-    "icrl": "icrl.cli:icrl",
+    "distill": "llamba.distill.cli:distill",
+    "eval": "llamba.distill.cli:eval_cmd",
+    "export": "llamba.export.cli:export",
+    "chat": "llamba.export.cli:chat",
+    "generate": "llamba.export.cli:generate",
+    "icrl": "llamba.icrl.cli:icrl",
     "demo": "llamba.cli:demo",
 }
 
@@ -88,15 +88,15 @@ def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int
     import time
     from pathlib import Path
 
-    from distill.cli import _one_line_errors, _quiet_hf
+    from llamba.distill.cli import _one_line_errors, _quiet_hf
 
     _quiet_hf()
 
     @_one_line_errors
     def run() -> None:
-        from distill.run import DEFAULT_TOTAL_TOKENS, distill_all
-        from export.chat import ChatSession, TextStream, open_engine, require_mlx
-        from export.convert import ExportError
+        from llamba.distill.run import DEFAULT_TOTAL_TOKENS, distill_all
+        from llamba.export.chat import ChatSession, TextStream, open_engine, require_mlx
+        from llamba.export.convert import ExportError
         from llamba.generate import SamplingParams
 
         run_dir = Path(out)
@@ -116,7 +116,7 @@ def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int
         try:
             require_mlx()
             if not (target / "config.json").is_file():
-                from export.convert import convert
+                from llamba.export.convert import convert
 
                 convert(run_dir / "stage3", target, q_bits=None if q_bits == "none" else int(q_bits), dtype=dtype)
         except ExportError as e:  # no MLX here: chat with the PyTorch checkpoint instead

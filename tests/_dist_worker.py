@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from distill.distributed import DistContext, full_state_dict, load_sharded, save_sharded, wrap_student
 from llamba.config import LlambaConfig
+from llamba.distill.distributed import DistContext, full_state_dict, load_sharded, save_sharded, wrap_student
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
 ap = argparse.ArgumentParser()

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from distill.run import Interrupted, distill_stage
+from llamba.distill.run import Interrupted, distill_stage
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--stage", required=True, help="one stage or several, comma-separated (each from --init-from)")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from distill.cli import distill, eval_cmd
-from distill.testing import tiny_corpus, write_tiny_teacher
+from llamba.distill.cli import distill, eval_cmd
+from llamba.distill.testing import tiny_corpus, write_tiny_teacher
 from llamba.model import LlambaForCausalLM
 
 

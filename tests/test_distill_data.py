@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from distill.data import (
+from llamba.distill.data import (
     DataError,
     TokenData,
     build_token_data,
@@ -12,7 +12,7 @@ from distill.data import (
     python_docs_corpus,
     split_documents,
 )
-from distill.testing import tiny_corpus, tiny_tokenizer
+from llamba.distill.testing import tiny_corpus, tiny_tokenizer
 
 
 def test_default_corpus_ships_with_python_and_is_prose():
@@ -68,7 +68,7 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
 
 
 def test_teacher_samples_are_generated_once_and_cached(tmp_path, monkeypatch):
-    from distill.testing import tiny_teacher
+    from llamba.distill.testing import tiny_teacher
 
     monkeypatch.setenv("LLAMBA_CACHE", str(tmp_path))
     torch.set_num_threads(1)
@@ -77,5 +77,5 @@ def test_teacher_samples_are_generated_once_and_cached(tmp_path, monkeypatch):
     assert len(docs) == 3 and all(isinstance(d, str) for d in docs)
     cached = list((tmp_path / "data").glob("teacher-*.jsonl"))
     assert len(cached) == 1
-    monkeypatch.setattr("distill.data.SEED_PROMPTS", [])  # a second call must not sample again
+    monkeypatch.setattr("llamba.distill.data.SEED_PROMPTS", [])  # a second call must not sample again
     assert load_documents("teacher:3", teacher=teacher, tokenizer=tok) == docs

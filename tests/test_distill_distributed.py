@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.init import build_student
-from distill.testing import tiny_corpus, tiny_teacher, write_tiny_teacher
 from llamba.checkpoints import load_model
+from llamba.distill.init import build_student
+from llamba.distill.testing import tiny_corpus, tiny_teacher, write_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("_distill_dist_worker.py"))
@@ -40,7 +40,8 @@ def assert_close_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         # Adam normalizes tiny reduction-order differences of near-zero gradients into O(lr * 1e-2) steps
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4, msg=k)
+        # (one element in 16k moved 1.9e-4 on an AMD EPYC, whose reductions order differently)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=5e-4, msg=lambda m, k=k: f"{k}: {m}")
     torch.testing.assert_close(losses(a), losses(b), rtol=1e-4, atol=0)
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.init import build_student, expand_kv_heads
-from distill.teacher import TeacherError, load_teacher
-from distill.testing import tiny_teacher
+from llamba.distill.init import build_student, expand_kv_heads
+from llamba.distill.teacher import TeacherError, load_teacher
+from llamba.distill.testing import tiny_teacher
 from llamba.mixer import Z_IDENTITY
 
 
@@ -100,7 +100,7 @@ def test_non_llama_teacher_is_refused(tmp_path):
 def test_missing_embedded_package_gives_install_hint(monkeypatch):
     import importlib.metadata
 
-    from distill import teacher as teacher_mod
+    from llamba.distill import teacher as teacher_mod
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss, relative_error
-from distill.schedule import wsd_lr
+from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss, relative_error
+from llamba.distill.schedule import wsd_lr
 
 
 def test_matrix_orientation_loss_hand_computed():

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from distill.data import build_token_data
-from distill.evaluate import evaluate_tokens
-from distill.init import build_student
-from distill.run import Interrupted, Teacher, train_stage
-from distill.stages import default_spec
-from distill.testing import tiny_corpus, tiny_teacher, tiny_tokenizer
+from llamba.distill.data import build_token_data
+from llamba.distill.evaluate import evaluate_tokens
+from llamba.distill.init import build_student
+from llamba.distill.run import Interrupted, Teacher, train_stage
+from llamba.distill.stages import default_spec
+from llamba.distill.testing import tiny_corpus, tiny_teacher, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

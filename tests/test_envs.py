@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import envs
-from envs import BatchedDarkRoom, BatchedKeyToDoor, DarkRoom, EnvSpec, KeyToDoor, optimal_return
-from envs.grid import manhattan
+from llamba import envs
+from llamba.envs import BatchedDarkRoom, BatchedKeyToDoor, DarkRoom, EnvSpec, KeyToDoor, optimal_return
+from llamba.envs.grid import manhattan
 
 
 def greedy_path(start: int, target: int, size: int = 9) -> list[int]:

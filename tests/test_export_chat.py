@@ -7,10 +7,10 @@ from export_fixtures import make_checkpoint, tiny_config
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from export.chat import ChatSession, MlxEngine, prompt_messages, render  # noqa: E402
-from export.cli import chat, generate  # noqa: E402
-from export.convert import convert  # noqa: E402
-from export.mlx_generate import generate as mlx_generate  # noqa: E402
+from llamba.export.chat import ChatSession, MlxEngine, prompt_messages, render  # noqa: E402
+from llamba.export.cli import chat, generate  # noqa: E402
+from llamba.export.convert import convert  # noqa: E402
+from llamba.export.mlx_generate import generate as mlx_generate  # noqa: E402
 from llamba.generate import SamplingParams, chat_stop_ids  # noqa: E402
 
 PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=8, seed=3)

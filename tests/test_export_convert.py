@@ -15,11 +15,11 @@ mlx_lm = pytest.importorskip("mlx_lm")
 
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from export.chat import require_mlx  # noqa: E402
-from export.cli import export  # noqa: E402
-from export.convert import ExportError, convert  # noqa: E402
-from export.mlx_generate import generate, load  # noqa: E402
 from llamba.checkpoints import save_cartesia  # noqa: E402
+from llamba.export.chat import require_mlx  # noqa: E402
+from llamba.export.cli import export  # noqa: E402
+from llamba.export.convert import ExportError, convert  # noqa: E402
+from llamba.export.mlx_generate import generate, load  # noqa: E402
 
 # 8-bit affine, group 32: mean KL(fp32 || q8) per token over random prompts stays below this.
 Q8_KL = 5e-3

@@ -10,7 +10,7 @@ pytest.importorskip("mlx_lm")
 
 from mlx.utils import tree_flatten  # noqa: E402
 
-from export.mlx_llamba import (  # noqa: E402
+from llamba.export.mlx_llamba import (  # noqa: E402
     Model,
     ModelArgs,
     _metal_ssd_step,

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from envs import EnvSpec
-from icrl.histories import DataConfig, Histories, generate, improvement
-from icrl.train import WindowSampler
+from llamba.envs import EnvSpec
+from llamba.icrl.histories import DataConfig, Histories, generate, improvement
+from llamba.icrl.train import WindowSampler
 
 
 @pytest.mark.parametrize("env", ["darkroom", "keytodoor"])
@@ -107,7 +107,7 @@ def test_bad_data_config():
 
 
 def test_toward_is_a_shortest_path_step():
-    from envs.grid import manhattan, move, toward
+    from llamba.envs.grid import manhattan, move, toward
 
     cells, targets = np.repeat(np.arange(81), 81), np.tile(np.arange(81), 81)
     acts = toward(cells, targets, 9)
@@ -130,8 +130,8 @@ def test_shipped_darkroom_context_shows_improvement():
     window, so there was no in-context improvement for AD to distil)."""
     from dataclasses import replace
 
-    from icrl.config import load_config
-    from icrl.histories import window_improvement
+    from llamba.icrl.config import load_config
+    from llamba.icrl.histories import window_improvement
 
     cfg = load_config("darkroom")
     assert cfg.model.seq_len >= 4 * cfg.spec.horizon  # a context of at least 4 episodes
@@ -173,7 +173,7 @@ def test_explorer_darkroom_searches_then_exploits():
 def test_explorer_keytodoor_learns_key_then_door():
     """Key-to-Door explorer: once the key and the door have both paid in some episode, every later episode
     collects both (return 2) along a shortest path start -> key -> door."""
-    from envs.grid import manhattan
+    from llamba.envs.grid import manhattan
 
     spec = EnvSpec("keytodoor")
     h, _ = generate(
@@ -197,7 +197,7 @@ def test_explorer_uses_only_its_own_history():
     """Before its first reward, the explorer's actions do not depend on where the goal is: two goals that the
     first episode does not reach give the same first episode (same seed)."""
     spec = EnvSpec("darkroom")
-    from icrl.histories import q_learning_histories
+    from llamba.icrl.histories import q_learning_histories
 
     cfg = DataConfig(histories_per_task=1, episodes_per_history=1, source="explorer", noise=0, seed=5)
     a = q_learning_histories(spec, np.array([0]), cfg)

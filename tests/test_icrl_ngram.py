@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from icrl.model import ADConfig, ADTransformer
-from icrl.ngram import match_keys, ngram_attention, ngram_attention_ref, ngram_mask, permuted_attention
+from llamba.icrl.model import ADConfig, ADTransformer
+from llamba.icrl.ngram import match_keys, ngram_attention, ngram_attention_ref, ngram_mask, permuted_attention
 
 KEYS = [0, 1, 2, 0, 1, 2, 0, 1]
 # successors u of each position t: positions right after earlier occurrences of the length-n suffix ending at t

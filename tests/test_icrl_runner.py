@@ -7,9 +7,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from icrl.cli import icrl
-from icrl.config import load_config
-from icrl.runner import data_efficiency, draw_hparams
+from llamba.icrl.cli import icrl
+from llamba.icrl.config import load_config
+from llamba.icrl.runner import data_efficiency, draw_hparams
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -134,7 +134,7 @@ def test_shipped_configs_load_and_draws_are_seeded():
 
 def test_workers_give_the_same_grid(tmp_path):
     """Runs trained in 2 worker processes give the same rows as one process (each run is seeded by its draw)."""
-    from icrl.runner import run_grid
+    from llamba.icrl.runner import run_grid
 
     cfg = load_config("darkroom", "tiny")
     one = run_grid(cfg, tmp_path / "one", log=lambda s: None)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from envs import EnvSpec
-from icrl.evaluate import EvalConfig, expected_max_performance, in_context_returns, score
-from icrl.histories import DataConfig, generate
-from icrl.model import ADConfig, ADTransformer
-from icrl.train import TrainConfig, lr_at, train
+from llamba.envs import EnvSpec
+from llamba.icrl.evaluate import EvalConfig, expected_max_performance, in_context_returns, score
+from llamba.icrl.histories import DataConfig, generate
+from llamba.icrl.model import ADConfig, ADTransformer
+from llamba.icrl.train import TrainConfig, lr_at, train
 
 
 def test_emp_matches_closed_form_and_brute_force():
@@ -101,8 +101,8 @@ def test_keytodoor_eval_with_early_termination():
 
 
 def test_heldout_loss_matches_manual_cross_entropy():
-    from icrl.evaluate import heldout_loss
-    from icrl.train import WindowSampler
+    from llamba.icrl.evaluate import heldout_loss
+    from llamba.icrl.train import WindowSampler
 
     spec = EnvSpec("darkroom")
     h, _ = generate(spec, DataConfig(n_train_tasks=2, histories_per_task=2, episodes_per_history=4, seed=0))
@@ -118,8 +118,8 @@ def test_eval_context_tokens_match_training_windows(marker):
     feeds for a trajectory is token for token what WindowSampler builds from the same trajectory stored as a
     history, across episode boundaries (s_t with a_{t-1}, r_{t-1}; pads at the history start, and at every
     episode start with the episode marker)."""
-    from icrl.histories import Histories
-    from icrl.train import WindowSampler
+    from llamba.icrl.histories import Histories
+    from llamba.icrl.train import WindowSampler
 
     seen = []
 
