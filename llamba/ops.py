@@ -40,13 +40,14 @@ class KernelsUnavailable(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 @functools.cache
 def _cuda_kernels() -> dict | None:
-    """The CUDA kernels, or None when mamba-ssm / causal-conv1d are not importable (any failure counts:
-    without CUDA their imports raise ModuleNotFoundError for their compiled extensions)."""
+    """The CUDA kernels, or None when mamba-ssm / causal-conv1d cannot be imported (`_cuda_import_error`
+    says why: missing packages, or installed ones whose compiled extensions fail to load)."""
     try:
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:
+    except Exception as e:  # a broken build raises ImportError, OSError (missing libcudart), RuntimeError...
+        _import_errors.append(e)
         return None
     return {
         "chunk_scan": mamba_chunk_scan_combined,
@@ -54,6 +55,19 @@ def _cuda_kernels() -> dict | None:
         "conv_fn": causal_conv1d_fn,
         "conv_update": causal_conv1d_update,
     }
+
+
+_import_errors: list[BaseException] = []  # the exception `_cuda_kernels` caught, kept for the message
+
+
+def _cuda_import_error() -> str:
+    """One line: why `_cuda_kernels()` is None, and the fix."""
+    e = _import_errors[-1] if _import_errors else None
+    install = "pip install 'llamba[cuda]' --no-build-isolation (CUDA GPU required)"
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in ("mamba_ssm", "causal_conv1d"):
+        return f"kernels='cuda' needs mamba-ssm and causal-conv1d: {install}"
+    return (f"kernels='cuda': mamba-ssm / causal-conv1d are installed but failed to import "
+            f"({type(e).__name__}: {e}); reinstall them built for this torch and CUDA: {install}")
 
 
 def cuda_kernels_available() -> bool:
@@ -67,8 +81,7 @@ def resolve_kernels(kernels: str, device: torch.device | str) -> str:
     on_gpu = torch.device(device).type == "cuda"
     if kernels == "cuda":
         if _cuda_kernels() is None:
-            raise KernelsUnavailable("kernels='cuda' needs mamba-ssm and causal-conv1d: "
-                                     "pip install 'llamba[cuda]' --no-build-isolation (CUDA GPU required)")
+            raise KernelsUnavailable(_cuda_import_error())
         if not on_gpu:
             raise KernelsUnavailable("kernels='cuda' needs the model on a CUDA device; move it with .cuda() "
                                      "or use kernels='torch'")
@@ -171,14 +184,22 @@ def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):
     return y.to(x.dtype), final_state.contiguous()
 
 
+# The kernels compute H <- exp(dt*A) H + dt * B x'. With A = -1, dt = -log_decay = softplus(A_log) and
+# x' = x / dt this is exactly the discrete recurrence (reference §1.3). dt needs a floor only against 0
+# (softplus underflows for A_log < -88). At DT_MIN, exp(-dt) == 1 and dt * x' == x in fp32 and x/dt^2 (the
+# backward) stays finite; a visible floor (1e-6) biases slow heads. dt and x' stay fp32: x' in bf16 rounds
+# twice, and in fp16 it overflows to inf whenever |x| / dt > 65504. B and C go in as fp32 too: the kernels
+# store the states passed between chunks in C's dtype, and bf16 states double the torch path's error.
+DT_MIN = 1e-12
+
+
 def _ssd_chunked_cuda(x, log_decay, B, C, chunk_size, initial_state):
-    # The kernel computes H <- exp(dt*A) H + dt * B x'. With A = -1, dt = -log_decay = softplus(A_log) and
-    # x' = x / dt this is exactly the discrete recurrence (reference §1.3).
+    # x: (b, l, h, p), log_decay: (b, l, h), B, C: (b, l, g, n), initial_state: (b, h, p, n) or None
     k = _cuda_kernels()
-    dt = (-log_decay.float()).clamp_min(1e-6)
+    dt = (-log_decay.float()).clamp_min(DT_MIN)  # (b, l, h)
     A = -torch.ones(x.shape[2], device=x.device, dtype=torch.float32)
     y, final = k["chunk_scan"](
-        (x.float() / dt[..., None]).to(x.dtype), dt.to(x.dtype), A, B, C, chunk_size,
+        x.float() / dt[..., None], dt, A, B.float(), C.float(), chunk_size,
         initial_states=None if initial_state is None else initial_state.float(),
         return_final_states=True,
     )
@@ -191,15 +212,23 @@ def ssd_step(x, log_decay, B, C, state, kernels: str = "torch"):
     Returns y: (b, h, p) and the new state (the CUDA path updates `state` in place and returns it)."""
     h = x.shape[1]
     if resolve_kernels(kernels, x.device) == "cuda":
-        p, n = x.shape[2], B.shape[-1]
-        dt = (-log_decay.float()).clamp_min(1e-6)[..., None].expand(-1, -1, p)  # (b, h, p)
-        A = -torch.ones(h, p, n, device=x.device, dtype=torch.float32)
-        y = _cuda_kernels()["state_update"](state, (x.float() / dt).to(x.dtype), dt.to(x.dtype), A, B, C)
-        return y.to(x.dtype), state
+        return _ssd_step_cuda(x, log_decay, B, C, state)
     Bh, Ch = expand_groups(B, h, 1).float(), expand_groups(C, h, 1).float()
     a = log_decay.float().exp()[..., None, None]
     state = a * state + x.float()[..., None] * Bh[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    return y.to(x.dtype), state
+
+
+def _ssd_step_cuda(x, log_decay, B, C, state):
+    # x: (b, h, p), log_decay: (b, h), B, C: (b, g, n), state: (b, h, p, n) fp32, updated in place.
+    # mamba-ssm 2.2-2.3 builds its launch arguments from D and dt_bias unconditionally, so both are passed
+    # (zeros). Broadcast (stride-0) A, dt and dt_bias let the kernel read one value per head.
+    h, p, n = x.shape[1], x.shape[2], B.shape[-1]
+    dt = (-log_decay.float()).clamp_min(DT_MIN)[..., None].expand(-1, -1, p)  # (b, h, p)
+    A = torch.full((h, 1, 1), -1.0, device=x.device).expand(h, p, n)
+    zeros = torch.zeros(h, 1, device=x.device).expand(h, p)  # D and dt_bias: (h, p)
+    y = _cuda_kernels()["state_update"](state, x.float() / dt, dt, A, B, C, D=zeros, dt_bias=zeros)
     return y.to(x.dtype), state
 
 
@@ -221,15 +250,37 @@ def materialize_mixer(log_decay, B, C, D=None):
 # --------------------------------------------------------------------------------------------------
 # Depthwise causal convolution over x, B, C
 # --------------------------------------------------------------------------------------------------
+def _conv_kernel_fits(d: int, k: int) -> bool:
+    """causal-conv1d's channel-last kernels need d % 8 == 0 and width 2-4; other configs use the torch conv."""
+    return d % 8 == 0 and 2 <= k <= 4
+
+
+def _channel_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t: (b, d, l) -> the same values in a fresh (b, l, d)-contiguous buffer, viewed as (b, d, l).
+
+    causal-conv1d carries states only in this layout and needs strides that are multiples of 8; a view of
+    in_proj's output has stride d_in_proj, odd whenever n_v_heads is. Always a new buffer: for size-1 dims
+    `.contiguous()` may keep the old strides."""
+    b, d, l = t.shape
+    return torch.empty(b, l, d, dtype=dtype, device=t.device).copy_(t.transpose(1, 2)).transpose(1, 2)
+
+
+def _causal_conv1d_cuda(x, weight, bias, state):
+    # x: (b, d, l), weight: (d, k), bias: (d,) or None, state: (b, d, k-1) or None
+    init = None if state is None else _channel_last(state, x.dtype)
+    bias = None if bias is None else bias.to(weight.dtype)
+    y, new_state = _cuda_kernels()["conv_fn"](_channel_last(x, x.dtype), weight, bias, initial_states=init,
+                                              return_final_states=True)
+    return y, new_state  # y: (b, d, l) channel-last, new_state: (b, d, k-1) channel-last
+
+
 def causal_conv1d(x, weight, bias=None, state=None, kernels: str = "torch"):
     """x: (b, d, l), weight: (d, k), bias: (d,), state: (b, d, k-1) past inputs or None (zeros).
 
     Returns y: (b, d, l) and the new state (b, d, k-1): the last k-1 inputs, for decoding to continue."""
     k = weight.shape[-1]
-    if resolve_kernels(kernels, x.device) == "cuda":
-        init = None if state is None else state.to(x.dtype).contiguous()
-        y, new_state = _cuda_kernels()["conv_fn"](x, weight, bias, initial_states=init, return_final_states=True)
-        return y, new_state
+    if resolve_kernels(kernels, x.device) == "cuda" and _conv_kernel_fits(x.shape[1], k):
+        return _causal_conv1d_cuda(x, weight, bias, state)
     past = x.new_zeros(x.shape[0], x.shape[1], k - 1) if state is None else state.to(x.dtype)
     xs = torch.cat([past, x], dim=-1)  # (b, d, k-1+l)
     y = F.conv1d(xs, weight[:, None, :], bias, groups=x.shape[1])
@@ -238,9 +289,11 @@ def causal_conv1d(x, weight, bias=None, state=None, kernels: str = "torch"):
 
 def causal_conv1d_step(x, state, weight, bias=None, kernels: str = "torch"):
     """One token. x: (b, d), state: (b, d, k-1), weight: (d, k) -> y: (b, d), new state (b, d, k-1)."""
-    if resolve_kernels(kernels, x.device) == "cuda":
-        y = _cuda_kernels()["conv_update"](x, state, weight, bias)  # updates state in place
-        return y, state
+    if resolve_kernels(kernels, x.device) == "cuda" and _conv_kernel_fits(x.shape[1], weight.shape[-1]):
+        # The kernel updates its state in place and needs it in x's dtype: give it a copy, so the caller's
+        # state (possibly an autograd output of the prefill conv) is never modified.
+        new_state = state.to(dtype=x.dtype, copy=True)
+        return _cuda_kernels()["conv_update"](x, new_state, weight, bias), new_state
     window = torch.cat([state.to(x.dtype), x[..., None]], dim=-1)  # (b, d, k)
     y = (window * weight).sum(-1)
     if bias is not None:
