@@ -18,6 +18,8 @@ from llamba.ops import (
 )
 
 TOL = {torch.float32: (3e-4, 1e-3), torch.bfloat16: (1e-2, 5e-2), torch.float16: (5e-3, 1e-2)}
+# Triton's tl.dot reads fp32 inputs as TF32 on NVIDIA GPUs (10 mantissa bits): 4e-4 at the shapes below.
+GPU_FP32_RTOL = 2e-3
 
 
 def rel_err(a, b):
@@ -162,7 +164,7 @@ def test_cuda_kernels_match_reference(dtype):
     x, a, B, C, s0 = (t.cuda() for t in (x, a, B, C, s0))
     y_ref, s_ref = ssd_chunked(x, a, B, C, 64, initial_state=s0, kernels="torch")
     y, s = ssd_chunked(x, a, B, C, 64, initial_state=s0, kernels="cuda")
-    rtol, _ = TOL[dtype]
+    rtol = GPU_FP32_RTOL if dtype == torch.float32 else TOL[dtype][0]
     assert rel_err(y, y_ref) < rtol and rel_err(s, s_ref) < rtol
     state_ref, state = s0.clone(), s0.clone()
     y1, state_ref = ssd_step(x[:, 0], a[:, 0], B[:, 0], C[:, 0], state_ref, kernels="torch")
