@@ -59,7 +59,7 @@ def scan_inputs(b, l, h, g, p, n, dtype=torch.float32, seed=0, slow_heads=False)
 # ------------------------------------------------------------------------------------------------------
 # The scan
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_chunked_scan_matches_recurrent(dtype):
     """Failure 5 (fp16): x/dt cast to fp16 overflowed to inf/NaN for slow heads (|x|/dt > 65504); bf16
     rounded x/dt twice. The cuda path must be as close to the fp32 recurrence as the torch path is."""
@@ -105,7 +105,7 @@ def test_fp32_tolerance_of_the_gpu_test_covers_tf32():
     assert 1e-5 < err < GPU_FP32_RTOL  # the lower bound shows the emulation is live
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_step_matches_torch_step(dtype):
     """Failure 1: selective_state_update without D and dt_bias raised `TypeError: Value after * must be an
     iterable`; dt and x/dt in the step dtype gave 1.5e-3 bf16 error against the torch step."""
@@ -160,7 +160,7 @@ def test_conv_falls_back_where_the_kernel_cannot_run(d, k):
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_conv_carries_state(k, dtype):
     """Failure 3: initial_states was passed channel-first (causal-conv1d needs stride(1) == 1) and
     return_final_states asserts channel-last x. Covers l < k - 1 too."""
@@ -218,7 +218,7 @@ def ids_for(model, b, l, seed=0):
 
 
 @pytest.mark.parametrize("name,dtype", [("h4g2", torch.float32), ("h3g3", torch.float32), ("h3g1", torch.float32),
-                                        ("h3g3", torch.bfloat16), ("h3g3", torch.float16)])
+                                        ("h3g3", torch.bfloat16), ("h3g3", torch.float16)], ids=str)
 def test_model_logits_match(name, dtype):
     """Failure 2 (odd n_v_heads), failure 5 (bf16/fp16): plain forward on both paths."""
     model = make_model(name, dtype)
@@ -270,7 +270,7 @@ def test_generate_tokens_identical(name):
     assert out["cuda"] == out["torch"]
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", ["h4g2", "h3g1"])
 def test_training_gradients_match(name):
     """Training through the kernels' backward: loss and every parameter's gradient on both paths."""
     model = make_model(name).train()
