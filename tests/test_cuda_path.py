@@ -286,3 +286,20 @@ def test_training_gradients_match(name):
     worst = max(g_t, key=lambda n: rel_err(g_c[n], g_t[n]))
     print(f"{name}: worst gradient {worst} rel err {rel_err(g_c[worst], g_t[worst]):.2e}")
     assert rel_err(g_c[worst], g_t[worst]) < 10 * TOL[torch.float32]
+
+
+def test_training_under_bf16_autocast():
+    """The distillation stages' bf16 mode on one process: fp32 weights under autocast, so the conv sees bf16
+    activations with fp32 weights and the scan bf16 x, B, C."""
+    model = make_model("h3g3").train()
+    ids = ids_for(model, 2, 17, seed=3)
+    out = {}
+    for kernels in ("torch", "cuda"):
+        model.zero_grad()
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            loss = model.set_kernels(kernels)(ids, labels=ids).loss
+        loss.backward()
+        out[kernels] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rel_err(out["cuda"][0], out["torch"][0]) < 1e-2
+    assert torch.isfinite(out["cuda"][1]).all()
+    assert rel_err(out["cuda"][1], out["torch"][1]) < 5e-2
