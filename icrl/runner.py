@@ -235,14 +235,15 @@ def run_grid(
                     progress(cfg.train.steps)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    return report(cfg, out)
+    return report(cfg, out, repair=True)
 
 
-def report(cfg: ExperimentConfig, out: str | Path) -> dict:
+def report(cfg: ExperimentConfig, out: str | Path, repair: bool = False) -> dict:
     """Tables, summary and plots from the finished runs in ``out`` (all of them, or those of a stopped grid:
-    cells then hold the draws done so far, and paired statistics use the draws common to the cells)."""
+    cells then hold the draws done so far, and paired statistics use the draws common to the cells). Safe to call
+    while the grid is still running: it only reads ``runs.jsonl``."""
     out = Path(out)
-    done = RunStore(out, run_spec(cfg)).load()
+    done = RunStore(out, run_spec(cfg)).load(repair)
     if not done:
         raise ValueError(f"{out} holds no finished runs yet")
     order = {m: i for i, m in enumerate(cfg.grid.methods)}

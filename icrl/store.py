@@ -66,8 +66,9 @@ class RunStore:
             atomic_write(path, json.dumps(spec, indent=1))
         self.runs_path = self.out / "runs.jsonl"
 
-    def load(self) -> dict[tuple, dict]:
-        """Finished runs: key tuple -> record. Drops (and truncates away) a torn last line."""
+    def load(self, repair: bool = True) -> dict[tuple, dict]:
+        """Finished runs: key tuple -> record. Drops a torn last line and, with ``repair`` (the process that
+        owns the run), cuts it off the file; readers of a grid that is still running pass repair=False."""
         if not self.runs_path.exists():
             return {}
         raw = self.runs_path.read_bytes()
@@ -81,7 +82,7 @@ class RunStore:
                 break
             done[tuple(rec["key"])] = rec
             good += len(line)
-        if good < len(raw):
+        if repair and good < len(raw):
             with open(self.runs_path, "r+b") as f:
                 f.truncate(good)
                 os.fsync(f.fileno())
