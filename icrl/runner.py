@@ -356,7 +356,7 @@ def markdown_table(summary: dict, cfg: ExperimentConfig | None = None) -> str:
     if cfg is not None:
         d = cfg.data
         lines += [
-            f"# {cfg.spec.name}: {' vs '.join(cfg.grid.methods)}",
+            f"# {cfg.spec.name}: {' vs '.join(dict.fromkeys(c['method'] for c in summary['cells']))}",
             "",
             f"{summary.get('runs_done', '?')} of {summary.get('runs_total', '?')} runs finished "
             f"({summary['paired_draws']} complete paired draws). Source `{d.source}`, "
@@ -460,6 +460,8 @@ def plot_results(out: Path, rows: list[dict], curves: dict, summary: dict, env: 
             )
         ax.axhline(summary["threshold"], color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
+        ticks = sorted({c["n_train_tasks"] for c in summary["cells"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("training tasks")
         ax.set_title(f"EMP({n}): expected best of {n} draws", fontsize=9)
     axes[0].set_ylabel("return / optimal")
