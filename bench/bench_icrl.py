@@ -3,6 +3,8 @@
 Prints a table and appends an `## In-context RL` section to BENCHMARKS.md (repo root).
     .venv/bin/python bench/bench_icrl.py                      # both envs, shipped configs, one after the other
     .venv/bin/python bench/bench_icrl.py --envs darkroom --no-append --workers 2
+    .venv/bin/python bench/bench_icrl.py --from-run RUN_DIR --env darkroom --config paper_darkroom
+        # a section from the finished runs of a (possibly stopped) `llamba icrl run` directory
 """
 
 from __future__ import annotations
@@ -143,6 +145,33 @@ def section(throughput: dict, results: list[dict], note: str, title: str = "In-c
     return "\n".join(out) + "\n"
 
 
+def from_run(run_dir: str, env: str, config: str, title: str, note: str) -> str:
+    """A BENCHMARKS.md section from the runs finished so far in a run directory (see `llamba icrl report`)."""
+    from llamba.icrl.config import load_config
+    from llamba.icrl.runner import report
+
+    cfg = load_config(env, config)
+    summary = report(cfg, run_dir)
+    rows = [json.loads(line)["row"] for line in open(Path(run_dir) / "runs.jsonl")]
+    train_s = [r["train_s"] + r["eval_s"] for r in rows]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"] * 3
+    body = (Path(run_dir) / "results.md").read_text().split("\n", 2)[2]  # without the results.md heading
+    out = [
+        "",
+        f"## {title}",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, **shared** with other "
+        f"jobs (load average {' / '.join(load)} when this section was written); {now}. Config `{config}`, "
+        f"{summary['runs_done']} of {summary['runs_total']} runs; {np.mean(train_s):.0f} s per run on average "
+        "(train + eval). Made by `bench/bench_icrl.py --from-run`.",
+        "",
+    ]
+    if note:
+        out += [note, ""]
+    return "\n".join(out) + body
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--envs", default="darkroom,keytodoor")
@@ -153,7 +182,17 @@ def main() -> None:
     p.add_argument("--note", default="", help="a line added to the BENCHMARKS.md section")
     p.add_argument("--title", default="In-context RL", help="heading of the BENCHMARKS.md section")
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--from-run", default=None, help="summarise this `llamba icrl run` directory instead")
+    p.add_argument("--env", default="darkroom", help="with --from-run: the run's env")
+    p.add_argument("--config", default="paper_darkroom", help="with --from-run: the run's config")
     args = p.parse_args()
+    if args.from_run:
+        text = from_run(args.from_run, args.env, args.config, args.title, args.note)
+        print(text)
+        if not args.no_append:
+            with open(ROOT / "BENCHMARKS.md", "a") as f:
+                f.write(text)
+        return
     envs = [e for e in args.envs.split(",") if e]
     throughput = {}
     for env in ("darkroom", "keytodoor"):

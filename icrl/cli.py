@@ -157,20 +157,49 @@ def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -
     show_default=True,
     help="Runs trained at once, each in its own process with one torch thread (use the core count).",
 )
-def run(env: str, config: str | None, out: str, workers: int) -> None:
-    """Run the config's experiment grid; writes results.csv/.md, summary.json and PNG plots."""
+@click.option(
+    "--methods",
+    default=None,
+    help="Comma-separated subset of the config's methods to run now (e.g. ad,ngram); the others can be run "
+    "later into the same --out. Default: all.",
+)
+def run(env: str, config: str | None, out: str, workers: int, methods: str | None) -> None:
+    """Run the config's experiment grid; writes results.csv/.md, summary.json and PNG plots.
+
+    Resumable: finished runs are kept in OUT/runs.jsonl, so re-running the same command after a kill continues
+    where it stopped. A different config into an existing OUT is refused."""
     from llamba.icrl.runner import run_grid
 
     cfg = _load(env, config)
     g = cfg.grid
-    total = len(g.budgets) * len(g.methods) * g.draws * cfg.train.steps
+    only = list(g.methods) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in only if m not in g.methods]
+    if bad or not only:
+        raise click.ClickException(f"unknown --methods {bad}; the config defines {list(g.methods)}")
+    total = len(g.budgets) * len(only) * g.draws * cfg.train.steps
     with _bar("grid (train steps)", total) as advance:
         try:
-            summary = run_grid(cfg, out, progress=advance, log=click.echo, workers=workers)
+            summary = run_grid(cfg, out, progress=advance, log=click.echo, workers=workers, methods=only)
         except ValueError as e:
-            raise click.ClickException(f"bad config: {e}") from None
+            raise click.ClickException(str(e)) from None
     click.echo((Path(out) / "results.md").read_text())
     click.echo(f"plots and tables in {out}/ ({', '.join(sorted(summary['transitions_to_threshold']))})")
+
+
+@icrl.command()
+@env_option
+@config_option
+@click.option("--out", type=click.Path(file_okay=False, exists=True), required=True, help="Run directory.")
+def report(env: str, config: str | None, out: str) -> None:
+    """Tables and plots from the runs finished so far in a run directory (e.g. of a stopped grid)."""
+    from llamba.icrl.runner import report as make_report
+
+    cfg = _load(env, config)
+    try:
+        make_report(cfg, out)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo((Path(out) / "results.md").read_text())
 
 
 def _load_histories(path: str, env: str):

@@ -7,7 +7,8 @@ Unknown keys are errors (a typo should not silently fall back to a default). ``m
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,48 @@ class GridConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.draws < 1 or not self.methods or not self.budgets:
-            raise ValueError("grid.draws must be >= 1 and grid.methods / grid.budgets non-empty")
+        if not isinstance(self.draws, int) or self.draws < 1:
+            raise ValueError(f"grid.draws must be an integer >= 1, got {self.draws!r}")
+        if not isinstance(self.methods, dict) or not self.methods:
+            raise ValueError("grid.methods must be a non-empty object: method name -> model overrides")
+        if not isinstance(self.budgets, list) or not self.budgets:
+            raise ValueError("grid.budgets must be a non-empty list of data overrides")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"grid.threshold must be in (0, 1] (a fraction of the optimum), got {self.threshold}")
+        for name, over in self.methods.items():
+            if not isinstance(over, dict):
+                raise ValueError(f"grid.methods[{name!r}] must be an object of model overrides")
+            _check_keys(f"grid.methods[{name!r}]", over, ADConfig)
+        for i, budget in enumerate(self.budgets):
+            if not isinstance(budget, dict):
+                raise ValueError(f"grid.budgets[{i}] must be an object of data overrides")
+            _check_keys(f"grid.budgets[{i}]", budget, DataConfig)
+        valid = sorted(
+            [f"model.{f.name}" for f in fields(ADConfig) if f.name not in _ENV_FIELDS]
+            + [f"train.{f.name}" for f in fields(TrainConfig) if f.name != "seed"]
+        )
         for key, rule in self.search.items():
-            section = key.split(".")[0]
-            if section not in ("model", "train") or "." not in key:
-                raise ValueError(f"grid.search key {key!r} must look like 'model.<field>' or 'train.<field>'")
+            if key not in valid:
+                raise ValueError(f"grid.search key {key!r} is not a model / train field; valid: {valid}")
             if not (isinstance(rule, list) and rule and rule[0] in ("log", "uniform", "choice")):
                 raise ValueError(
                     f"grid.search[{key!r}] must be ['log'|'uniform', lo, hi] or ['choice', [...]]"
                 )
+            if rule[0] == "choice":
+                if len(rule) != 2 or not isinstance(rule[1], list) or not rule[1]:
+                    raise ValueError(f"grid.search[{key!r}]: 'choice' needs one non-empty list of options")
+                continue
+            lo_hi = rule[1:]
+            if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi):
+                raise ValueError(f"grid.search[{key!r}]: {rule[0]!r} needs two finite numbers lo, hi")
+            lo, hi = lo_hi
+            if lo > hi:
+                raise ValueError(f"grid.search[{key!r}]: low {lo} > high {hi}")
+            if rule[0] == "log" and lo <= 0:
+                raise ValueError(f"grid.search[{key!r}]: 'log' needs 0 < low, got {lo}")
+
+
+_ENV_FIELDS = ("num_states", "num_actions", "num_rewards")
 
 
 @dataclass
@@ -65,12 +98,49 @@ class ExperimentConfig:
 
 
 def _check_keys(section: str, given: dict, cls) -> None:
+    """Unknown keys are an error that lists the valid ones."""
     allowed = {f.name for f in fields(cls)}
+    if cls is ADConfig:
+        allowed -= set(_ENV_FIELDS)  # set by the env
     bad = set(given) - allowed
     if bad:
         raise ValueError(
-            f"unknown key(s) {sorted(bad)} in config section '{section}'; allowed: {sorted(allowed)}"
+            f"unknown key(s) {sorted(bad)} in config section '{section}'; valid: {sorted(allowed)}"
         )
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-section checks of a loaded config: env ranges, every budget's data and split, every method's model
+    (with the first draw), and histories long enough for the context window."""
+    from llamba.icrl.runner import draw_hparams, method_model_config
+
+    spec = cfg.spec
+    for name, low in (("size", 2), ("horizon", 1)):
+        v = spec.kwargs.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"env.{name} must be an integer >= {low}, got {v!r}")
+    g = cfg.grid
+    for i, budget in enumerate(g.budgets):
+        try:
+            d = replace(cfg.data, **budget)
+        except ValueError as e:
+            raise ValueError(f"grid.budgets[{i}]: {e}") from None
+        if d.n_test_tasks < 1:
+            raise ValueError("data.n_test_tasks must be >= 1 for a grid (runs are scored on held-out tasks)")
+        spec.split(d.n_train_tasks, d.n_test_tasks, seed=d.split_seed)  # raises when the env has too few tasks
+        kept = -(-d.episodes_per_history // d.subsample)
+        if spec.name == "darkroom" and kept * spec.horizon < cfg.model.seq_len:
+            raise ValueError(
+                f"grid.budgets[{i}]: a history keeps {kept} episodes x {spec.horizon} steps, fewer than "
+                f"model.seq_len={cfg.model.seq_len}; raise data.episodes_per_history or lower context_episodes"
+            )
+    hp = draw_hparams(g.search, g.seed, 0)
+    for name, over in g.methods.items():
+        try:
+            method_model_config(cfg, over, hp)
+            replace(cfg.train, **{k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith("train.")})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"grid.methods[{name!r}] with the drawn hyperparameters: {e}") from None
 
 
 def build_model_config(spec: EnvSpec, model: dict, context_episodes: int, overrides: dict) -> ADConfig:
@@ -111,6 +181,9 @@ def load_config(env: str, config: str | None = None) -> ExperimentConfig:
     bad = set(raw) - set(SECTIONS)
     if bad:
         raise ValueError(f"unknown section(s) {sorted(bad)} in {path}; allowed: {list(SECTIONS)}")
+    for name in ("data", "train", "eval", "grid", "model", "env"):
+        if not isinstance(raw.get(name, {}), dict):
+            raise ValueError(f"config section '{name}' must be a JSON object")
     spec = EnvSpec(env, raw.get("env", {}))
     parts = {}
     for name, cls in (
@@ -120,9 +193,14 @@ def load_config(env: str, config: str | None = None) -> ExperimentConfig:
         ("grid", GridConfig),
     ):
         _check_keys(name, raw.get(name, {}), cls)
-        parts[name] = cls(**raw.get(name, {}))
-    context = int(raw.get("context_episodes", 4))
-    if context < 1:
-        raise ValueError("context_episodes must be >= 1")
+        try:
+            parts[name] = cls(**raw.get(name, {}))
+        except TypeError as e:
+            raise ValueError(f"config section '{name}' holds a value of the wrong type ({e})") from None
+    context = raw.get("context_episodes", 4)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        raise ValueError(f"context_episodes must be an integer >= 1, got {context!r}")
     model = build_model_config(spec, raw.get("model", {}), context, {})
-    return ExperimentConfig(spec, model=model, context_episodes=context, raw=raw.get("model", {}), **parts)
+    cfg = ExperimentConfig(spec, model=model, context_episodes=context, raw=raw.get("model", {}), **parts)
+    validate(cfg)
+    return cfg

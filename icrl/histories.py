@@ -73,6 +73,21 @@ class Histories:
     def num_histories(self) -> int:
         return len(self.offsets) - 1
 
+    def take(self, n: int) -> Histories:
+        """The first ``n`` histories (with tasks in split order: the histories of a prefix of the tasks)."""
+        end = int(self.offsets[n])
+        return Histories(
+            self.states[:end],
+            self.actions[:end],
+            self.rewards[:end],
+            self.offsets[: n + 1].copy(),
+            self.returns[:n],
+            self.tasks[:n],
+            self.env,
+            self.env_kwargs,
+            None if self.starts is None else self.starts[:end],
+        )
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +122,10 @@ class Histories:
             )
 
 
-def q_learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, progress=None) -> Histories:
-    """Run ``len(tasks) * cfg.histories_per_task`` epsilon-greedy Q-learners side by side in one batched env.
+def learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, progress=None) -> Histories:
+    """Run ``len(tasks) * cfg.histories_per_task`` learners of ``cfg.source`` (epsilon-greedy tabular
+    Q-learning, the noisy oracle or the explorer) side by side in one batched env; histories of one task are
+    consecutive, tasks in the given order.
     tasks: (n,) or (n, 2). ``progress(k)`` is called after each episode.
 
     In Key-to-Door the cell alone is not Markov (has the key been picked up?), so the learner indexes its table
@@ -270,5 +287,5 @@ def window_improvement(h: Histories, episodes: int) -> float:
 def generate(spec: EnvSpec, cfg: DataConfig, progress=None) -> tuple[Histories, dict]:
     """Histories on the seeded training split; returns them and a summary (transitions, improvement)."""
     train, _ = spec.split(cfg.n_train_tasks, cfg.n_test_tasks, seed=cfg.split_seed)
-    h = q_learning_histories(spec, train, cfg, progress)
+    h = learning_histories(spec, train, cfg, progress)
     return h, {"transitions": h.total_transitions, "histories": h.num_histories, **improvement(h)}

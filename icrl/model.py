@@ -157,7 +157,7 @@ class ADTransformer(nn.Module):
     def ngram_matrices(self, states, prev_actions, prev_rewards) -> torch.Tensor:
         """-> (k, b, l, l) fixed successor matrices, one per order (permuted in the control variant)."""
         c = self.cfg
-        keys = match_keys(states, prev_actions, prev_rewards, c.ngram_key, c.num_states, c.num_actions)
+        keys = match_keys(states, prev_actions, prev_rewards, c.ngram_key, c.num_states, c.num_rewards)
         mats = [ngram_attention(keys, n) for n in c.ngram_orders]
         if c.ngram_permuted:
             mats = [permuted_attention(m) for m in mats]

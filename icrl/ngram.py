@@ -18,15 +18,15 @@ def match_keys(
     prev_rewards: torch.Tensor,
     key: str,
     num_states: int,
-    num_actions: int,
+    num_rewards: int,
 ) -> torch.Tensor:
     """states, prev_actions, prev_rewards: (b, l) ints -> keys (b, l).
-    "state": x_t = s_t.  "sar": x_t = id(a_{t-1}, r_{t-1}, s_t); the pad action (= num_actions) and pad reward
-    (= 2) at the start of a history get their own ids."""
+    "state": x_t = s_t.  "sar": x_t = id(a_{t-1}, r_{t-1}, s_t) = (a (R + 1) + r) S + s, one id per triple for
+    rewards in [0, R] (R = ``num_rewards`` is the pad reward) and any action, the pad action included."""
     if key == "state":
         return states
     if key == "sar":
-        return (prev_actions * 3 + prev_rewards) * num_states + states
+        return (prev_actions * (num_rewards + 1) + prev_rewards) * num_states + states
     raise ValueError(f"unknown match key {key!r}; use 'state' or 'sar'")
 
 

@@ -197,11 +197,11 @@ def test_explorer_uses_only_its_own_history():
     """Before its first reward, the explorer's actions do not depend on where the goal is: two goals that the
     first episode does not reach give the same first episode (same seed)."""
     spec = EnvSpec("darkroom")
-    from llamba.icrl.histories import q_learning_histories
+    from llamba.icrl.histories import learning_histories
 
     cfg = DataConfig(histories_per_task=1, episodes_per_history=1, source="explorer", noise=0, seed=5)
-    a = q_learning_histories(spec, np.array([0]), cfg)
-    b = q_learning_histories(spec, np.array([80]), cfg)
+    a = learning_histories(spec, np.array([0]), cfg)
+    b = learning_histories(spec, np.array([80]), cfg)
     if a.returns[0, 0] == 0 and b.returns[0, 0] == 0:
         assert (a.actions == b.actions).all() and (a.states == b.states).all()
     else:  # the frontier reached a corner in one episode: nothing to compare

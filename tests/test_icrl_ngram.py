@@ -33,15 +33,25 @@ def test_state_vs_sar_keys():
     states = torch.tensor([[5, 6, 5, 6, 5]])
     prev_a = torch.tensor([[5, 2, 4, 2, 4]])  # 5 = pad at the history start
     prev_r = torch.tensor([[2, 0, 0, 0, 1]])  # 2 = pad
-    state_key = match_keys(states, prev_a, prev_r, "state", 81, 5)
-    sar_key = match_keys(states, prev_a, prev_r, "sar", 81, 5)
+    state_key = match_keys(states, prev_a, prev_r, "state", 81, 2)
+    sar_key = match_keys(states, prev_a, prev_r, "sar", 81, 2)
     assert successor_sets(ngram_attention(state_key, 1)[0]) == {2: [1], 3: [2], 4: [1, 3]}
     # (a=4, r=0, s=5) at t=2 vs (a=4, r=1, s=5) at t=4 differ; (2,0,6) repeats at t=1, 3
     assert successor_sets(ngram_attention(sar_key, 1)[0]) == {3: [2]}
     assert successor_sets(ngram_attention(sar_key, 2)[0]) == {}
     assert successor_sets(ngram_attention(state_key, 2)[0]) == {3: [2], 4: [3]}
     with pytest.raises(ValueError):
-        match_keys(states, prev_a, prev_r, "reward", 81, 5)
+        match_keys(states, prev_a, prev_r, "reward", 81, 2)
+
+
+@pytest.mark.parametrize("num_states, num_actions, num_rewards", [(81, 5, 2), (4, 7, 3), (9, 2, 5)])
+def test_sar_keys_are_one_id_per_triple(num_states, num_actions, num_rewards):
+    """Every (pad-inclusive) action x reward x state triple gets its own id, for any action / reward counts."""
+    a, r, s = torch.meshgrid(
+        torch.arange(num_actions + 1), torch.arange(num_rewards + 1), torch.arange(num_states), indexing="ij"
+    )
+    keys = match_keys(s.reshape(1, -1), a.reshape(1, -1), r.reshape(1, -1), "sar", num_states, num_rewards)
+    assert keys.unique().numel() == keys.numel() == (num_actions + 1) * (num_rewards + 1) * num_states
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

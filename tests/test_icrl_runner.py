@@ -27,7 +27,8 @@ def test_tiny_run_end_to_end(tmp_path):
     by = {(r["method"], r["budget"], r["draw"]): r["hp.train.lr"] for r in rows}
     assert all(by[("ad", b, d)] == by[("ngram", b, d)] for (_, b, d) in by)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["cells"]) == 4 and all(len(c["emp"]) == 2 for c in summary["cells"])
+    assert len(summary["cells"]) == 4 and all(len(c["emp"]) == 20 for c in summary["cells"])
+    assert summary["paired_draws"] == 2 and len(summary["sign_tests"]) == 2
     for name in ("results.md", "return_vs_episode.png", "return_vs_transitions.png", "emp.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -106,6 +107,25 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
         ({"train": {"stpes": 3}}, "unknown key"),
         ({"grid": {"search": {"lr": ["log", 1, 2]}}}, "grid.search"),
         ({"env": {"size": 9, "walls": 1}}, "unknown darkroom option"),
+        ({"env": {"horizon": 0}}, "env.horizon must be an integer >= 1, got 0"),
+        ({"env": {"size": -3}}, "env.size must be an integer >= 2, got -3"),
+        ({"data": {"n_train_taskz": 3}}, "unknown key(s) ['n_train_taskz'] in config section 'data'; valid: "),
+        ({"grid": {"search": {"train.lrr": ["log", 1e-3, 1e-2]}}}, "is not a model / train field; valid: ["),
+        ({"grid": {"search": {"train.lr": ["log", 1e-2, 1e-3]}}}, "low 0.01 > high 0.001"),
+        ({"grid": {"search": {"train.lr": ["log", 0, 1e-3]}}}, "'log' needs 0 < low"),
+        ({"grid": {"search": {"model.dropout": ["uniform", 0, "x"]}}}, "needs two finite numbers"),
+        ({"grid": {"search": {"model.ngram_orders": ["choice", []]}}}, "non-empty list"),
+        ({"grid": {"budgets": [{"n_train_taskz": 3}]}}, "section 'grid.budgets[0]'"),
+        ({"grid": {"budgets": [{"n_train_tasks": 90}]}}, "has 80 goals"),
+        ({"grid": {"methods": {"ad": {"n_layerz": 3}}}}, "section 'grid.methods['ad']'"),
+        ({"grid": {"methods": {"ng": {"ngram_layers": [5]}}}}, "grid.methods['ng']"),
+        ({"grid": {"threshold": 0}}, "grid.threshold must be in (0, 1]"),
+        ({"grid": {"draws": 0}}, "grid.draws must be an integer >= 1"),
+        ({"train": {"steps": "many"}}, "wrong type"),
+        ({"context_episodes": 99}, "fewer than model.seq_len"),
+        ({"context_episodes": 0}, "context_episodes must be an integer >= 1"),
+        ({"data": {"n_test_tasks": 0}}, "n_test_tasks must be >= 1"),
+        ({"model": []}, "section 'model' must be a JSON object"),
     ],
 )
 def test_bad_config_values(content, message, tmp_path):
@@ -115,6 +135,8 @@ def test_bad_config_values(content, message, tmp_path):
         icrl, ["run", "--env", "darkroom", "--config", str(path), "--out", str(tmp_path)]
     )
     assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "runs.jsonl").exists()
     path.write_text("{not json")
     res = CliRunner().invoke(
         icrl, ["run", "--env", "darkroom", "--config", str(path), "--out", str(tmp_path)]
@@ -152,3 +174,17 @@ def test_data_efficiency_wording():
     assert data_efficiency({"ad": None, "ngram": 3840})["ngram"].startswith("reached; ad did not")
     assert data_efficiency({"ad": 1920, "ngram": None})["ngram"] == "not reached; ad reached at 1,920"
     assert data_efficiency({"ad": None, "ngram": None})["ngram"].startswith("untested")
+
+
+def test_budgets_are_nested_and_paired_across_methods(tmp_path):
+    """Budgets differing only in n_train_tasks get prefixes of one generation; the draws are shared."""
+    from llamba.icrl.runner import budget_data
+
+    cfg = load_config("darkroom", "tiny")
+    small, big = budget_data(cfg, log=lambda s: None)
+    n = small["h"].num_histories
+    assert n == 2 * 2 and big["h"].num_histories == 4 * 2
+    end = int(big["h"].offsets[n])
+    assert (small["h"].states == big["h"].states[:end]).all() and (small["h"].tasks == big["h"].tasks[:n]).all()
+    assert (small["test"] == big["test"]).all()
+    assert (small["h"].returns == big["h"].returns[:n]).all()
