@@ -165,7 +165,7 @@ def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):
     b, l, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
     r = h // g
-    q = chunk_size
+    q = max(1, min(chunk_size, l))  # a sequence shorter than one chunk is one chunk, unpadded
     pad = (-l) % q
     c = (l + pad) // q
 
