@@ -118,6 +118,6 @@ class DiscreteMamba2(nn.Module):
         x, B, C = self._split_xbc(xbc)
         log_decay = -F.softplus(a_log.float())  # (b, h)
         y, ssm_state = ssd_step(x, log_decay, B, C, ssm_state, kernels=self.kernels)
-        y = y + self.D[:, None].to(y.dtype) * x
-        y = y.reshape(u.shape[0], self.d_inner) * F.silu(z + self._gate_bias())
+        y = torch.addcmul(y, self.D[:, None].to(y.dtype), x).view(u.shape[0], self.d_inner)
+        y = y * F.silu(z + self._gate_bias())
         return self.out_proj(y), (conv_state, ssm_state)

@@ -24,6 +24,8 @@ Paths
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -140,48 +142,85 @@ def ssd_chunked(x, log_decay, B, C, chunk_size: int, initial_state=None, kernels
     Returns y: (b, l, h, p) in x.dtype and final_state: (b, h, p, n) in fp32."""
     if resolve_kernels(kernels, x.device) == "cuda":
         return _ssd_chunked_cuda(x, log_decay, B, C, chunk_size, initial_state)
+    if _COMPILE["on"]:
+        return _ssd_chunked_compiled(x, log_decay, B, C, chunk_size, initial_state)
     return _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state)
 
 
+# torch.compile of the torch scan: opt-in (`use_compile()` or LLAMBA_COMPILE=1), never required.
+_COMPILE = {"on": os.environ.get("LLAMBA_COMPILE", "") == "1", "fn": None}
+
+
+def use_compile(enabled: bool = True) -> None:
+    """Route the pure-PyTorch chunked scan through torch.compile (inductor; on CPU it needs a C++ compiler).
+
+    Off by default: each new sequence shape compiles first (about a minute on 2 CPU cores), which pays off
+    only over long runs (distillation, long prefills). If compiling fails, one warning and the eager scan."""
+    _COMPILE["on"] = bool(enabled)
+
+
+def _ssd_chunked_compiled(*args):
+    try:
+        if _COMPILE["fn"] is None:
+            _COMPILE["fn"] = torch.compile(_ssd_chunked_torch)
+        return _COMPILE["fn"](*args)
+    except Exception as e:  # no compiler, unsupported platform, inductor bug: fall back for good
+        _COMPILE["on"], _COMPILE["fn"] = False, None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warnings.warn(f"torch.compile of the chunked scan failed ({type(e).__name__}: {first[:200]}); "
+                      "using the eager scan (call llamba.ops.use_compile(False) to silence this)", stacklevel=3)
+        return _ssd_chunked_torch(*args)
+
+
 def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):
+    # Layout: everything stays (b, c, q, ...) as it arrives (no head-major permute copies); value heads are
+    # split as (g, r) with r = h / g so grouped B/C are never repeated: C B^T is computed once per group.
     b, l, h, p = x.shape
-    n = B.shape[-1]
-    q = chunk_size
+    g, n = B.shape[-2], B.shape[-1]
+    r = h // g
+    q = max(1, min(chunk_size, l))  # a sequence shorter than one chunk is one chunk, unpadded
     pad = (-l) % q
     c = (l + pad) // q
 
-    def chunked(t):  # (b, l, h, e) -> (b, h, c, q, e), zero-padded; fp32
-        t = F.pad(t.float(), (0, 0, 0, 0, 0, pad))
-        return t.view(b, c, q, h, t.shape[-1]).permute(0, 3, 1, 2, 4)
+    def chunked(t):  # (b, l, ...) -> (b, c, q, ...), zero-padded; fp32
+        t = t.float()
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.view(b, c, q, *t.shape[2:])
 
     # Padding with x = 0 and log_decay = 0 (a = 1) leaves the final state untouched.
-    X = chunked(x)  # (b, h, c, q, p)
-    Bc, Cc = chunked(expand_groups(B, h, 2)), chunked(expand_groups(C, h, 2))  # (b, h, c, q, n)
-    A = F.pad(log_decay.float(), (0, 0, 0, pad)).view(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
-    A_cum = torch.cumsum(A, dim=-1)
+    X = chunked(x).view(b, c, q, g, r, p)
+    Bc, Cc = chunked(B), chunked(C)  # (b, c, q, g, n)
+    A_cum = torch.cumsum(chunked(log_decay).transpose(2, 3), dim=-1)  # (b, c, h, q)
 
-    # 1. Inside each chunk: y = (L o C B^T) X, the quadratic "attention" form.
-    scores = (Cc @ Bc.transpose(-1, -2)) * torch.exp(segsum(A))  # (b, h, c, q, q)
-    y = scores @ X  # (b, h, c, q, p)
+    # 1. Inside each chunk: y = (L o C B^T) X. L[i, j] = exp(A_cum_i - A_cum_j) on and below the diagonal,
+    #    masked to -inf before the exp (no overflow above it, so no inf * 0 in the backward); one buffer.
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()
+    L = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (b, c, h, q, q)
+    CB = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)  # (b, c, g, q, q)
+    scores = L.view(b, c, g, r, q, q) * CB[:, :, :, None]
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, X)  # (b, c, q, g, r, p)
 
-    # 2. The state each chunk leaves behind from its own inputs, kept as (n, p) for the matmuls.
-    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)[..., None]  # (b, h, c, q, 1)
-    chunk_states = (Bc * decay_to_end).transpose(-1, -2) @ X  # (b, h, c, n, p)
+    # 2. The state each chunk leaves behind from its own inputs.
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum).transpose(2, 3).reshape(b, c, q, g, r, 1)
+    chunk_states = torch.einsum("bcjgrp,bcjgn->bcgrpn", X * decay_to_end, Bc)  # (b, c, g, r, p, n)
 
-    # 3. Pass states across chunks: S_{c+1} = exp(sum of A over chunk c) S_c + chunk_states_c.
+    # 3. Pass states across chunks: S_{c+1} = exp(sum of A over chunk c) S_c + chunk_states_c. The chunk totals
+    #    can be large, so this (c+1, c+1) decay uses the exact segment sums.
     if initial_state is None:
-        init = x.new_zeros(b, h, 1, n, p, dtype=torch.float32)
+        init = x.new_zeros(b, 1, h, p * n, dtype=torch.float32)
     else:
-        init = initial_state.float().transpose(-1, -2)[:, :, None]  # (b, h, 1, n, p)
-    states = torch.cat([init, chunk_states], dim=2)  # (b, h, c+1, n, p)
-    chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    states = (chunk_decay @ states.flatten(3)).view(b, h, c + 1, n, p)
-    entering, final_state = states[:, :, :-1], states[:, :, -1].transpose(-1, -2)  # final: (b, h, p, n)
+        init = initial_state.float().reshape(b, 1, h, p * n)
+    states = torch.cat([init, chunk_states.view(b, c, h, p * n)], dim=1)  # (b, c+1, h, p*n)
+    chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1].transpose(1, 2), (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchx->bzhx", chunk_decay, states)  # (b, c+1, h, p*n)
+    entering, final_state = states[:, :-1].view(b, c, g, r, p, n), states[:, -1]
 
     # 4. Contribution of the entering state to every position of its chunk.
-    y = y + (Cc * torch.exp(A_cum)[..., None]) @ entering  # (b, h, c, q, p)
-    y = y.permute(0, 2, 3, 1, 4).reshape(b, c * q, h, p)[:, :l]
-    return y.to(x.dtype), final_state.contiguous()
+    y_off = torch.einsum("bcign,bcgrpn->bcigrp", Cc, entering)
+    y = y + y_off * torch.exp(A_cum).transpose(2, 3).reshape(b, c, q, g, r, 1)
+    y = y.reshape(b, c * q, h, p)[:, :l]
+    return y.to(x.dtype), final_state.reshape(b, h, p, n).contiguous()
 
 
 # The kernels compute H <- exp(dt*A) H + dt * B x'. With A = -1, dt = -log_decay = softplus(A_log) and
@@ -209,14 +248,29 @@ def _ssd_chunked_cuda(x, log_decay, B, C, chunk_size, initial_state):
 def ssd_step(x, log_decay, B, C, state, kernels: str = "torch"):
     """One decoding step. x: (b, h, p), log_decay: (b, h), B, C: (b, g, n), state: (b, h, p, n) fp32.
 
-    Returns y: (b, h, p) and the new state (the CUDA path updates `state` in place and returns it)."""
-    h = x.shape[1]
+    Returns y: (b, h, p) and the new state. Both paths update an fp32 `state` in place and return it (the torch
+    path copies instead when autograd is recording through the state)."""
     if resolve_kernels(kernels, x.device) == "cuda":
         return _ssd_step_cuda(x, log_decay, B, C, state)
-    Bh, Ch = expand_groups(B, h, 1).float(), expand_groups(C, h, 1).float()
-    a = log_decay.float().exp()[..., None, None]
-    state = a * state + x.float()[..., None] * Bh[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    return _ssd_step_torch(x, log_decay, B, C, state)
+
+
+def _ssd_step_torch(x, log_decay, B, C, state):
+    # Groups stay (g, r) views (no repeat of B, C); a plain fp32 state without autograd is updated in place
+    # (two fused kernels, no new buffer), any other state out of place.
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    r = h // g
+    state = state if state.is_contiguous() else state.contiguous()
+    a = log_decay.float().exp().view(b, g, r, 1, 1)
+    xB = x.float().view(b, g, r, p, 1) * B.float().view(b, g, 1, 1, n)  # (b, g, r, p, n)
+    s = state.view(b, g, r, p, n)
+    if state.dtype == torch.float32 and not (torch.is_grad_enabled() and (state.requires_grad or xB.requires_grad)):
+        s.mul_(a).add_(xB)
+    else:
+        s = a * s.float() + xB
+        state = s.view(b, h, p, n)
+    y = (s @ C.float().view(b, g, 1, n, 1)).view(b, h, p)
     return y.to(x.dtype), state
 
 

@@ -212,3 +212,15 @@ def test_state_size_is_independent_of_context(tiny_config):
         model(torch.randint(0, tiny_config.vocab_size, (1, length)), state=state)
         sizes.append(state.nbytes())
     assert sizes[0] == sizes[1]
+
+
+def test_fused_rmsnorm_matches_reference_formula():
+    from llamba.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24, generator=gen))
+    x = torch.randn(3, 5, 24, generator=gen)
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(norm(x), ref, rtol=1e-6, atol=1e-6)

@@ -175,3 +175,48 @@ def test_cuda_kernels_match_reference(dtype):
     yc_ref, sc_ref = causal_conv1d(xc, w, bias, kernels="torch")
     yc, sc = causal_conv1d(xc, w, bias, kernels="cuda")
     assert rel_err(yc, yc_ref) < rtol and rel_err(sc, sc_ref) < rtol
+
+
+def test_chunked_stable_under_strong_decay():
+    """Log decays down to about -60 per step (closed forget gates): still equal to the loop, finite gradients."""
+    x, _, B, C, s0 = random_inputs(1, 50, 4, 2, 3, 5)
+    gen = torch.Generator().manual_seed(1)
+    a = (-F.softplus(4 * torch.randn(1, 50, 4, generator=gen)) * 15).requires_grad_()
+    y_ref, s_ref = ssd_recurrent(x, a.detach(), B, C, initial_state=s0)
+    y, s = ssd_chunked(x, a, B, C, 16, initial_state=s0)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    (y.sum() + s.sum()).backward()
+    assert torch.isfinite(a.grad).all()
+
+
+def test_step_updates_fp32_state_in_place_and_grouped():
+    x, a, B, C, s0 = random_inputs(2, 1, 6, 2, 3, 5)
+    state = s0.clone()
+    y, new = ssd_step(x[:, 0], a[:, 0], B[:, 0], C[:, 0], state)
+    y_ref, s_ref = ssd_recurrent(x, a, B, C, initial_state=s0)
+    assert new.data_ptr() == state.data_ptr()
+    assert rel_err(y, y_ref[:, 0]) < 1e-6 and rel_err(new, s_ref) < 1e-6
+    leaf = s0.clone().requires_grad_()  # autograd through the state: out of place, the leaf untouched
+    y2, new2 = ssd_step(x[:, 0], a[:, 0], B[:, 0], C[:, 0], leaf)
+    assert new2.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), s0)
+    assert rel_err(y2, y_ref[:, 0]) < 1e-6
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    import llamba.ops as ops
+
+    def broken(fn, *args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setitem(ops._COMPILE, "fn", None)
+    x, a, B, C, s0 = random_inputs(1, 20, 4, 2, 3, 5)
+    ops.use_compile(True)
+    try:
+        with pytest.warns(UserWarning, match="no C.. compiler found"):
+            y, s = ssd_chunked(x, a, B, C, 8, initial_state=s0)
+        assert not ops._COMPILE["on"]
+    finally:
+        ops.use_compile(False)
+    y_ref, s_ref = ssd_recurrent(x, a, B, C, initial_state=s0)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
