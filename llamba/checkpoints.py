@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llamba.config import ConfigError, LlambaConfig
-from llamba.model import LlambaForCausalLM
+from llamba.model import LlambaForCausalLM, register_auto_classes  # noqa: F401  (re-exported)
 
 REQUIRED_FIELDS = ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads", "n_qk_heads")
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
@@ -38,17 +38,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16")
     return DTYPES[dtype]
-
-
-def register_auto_classes() -> None:
-    """After `import llamba`, AutoConfig / AutoModelForCausalLM.from_pretrained(dir) resolve model_type 'llamba'."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        AutoConfig.register("llamba", LlambaConfig)
-        AutoModelForCausalLM.register(LlambaConfig, LlambaForCausalLM)
-    except ValueError:  # already registered (re-import)
-        pass
 
 
 def read_config(path: str | Path) -> tuple[LlambaConfig, str]:

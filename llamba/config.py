@@ -180,3 +180,16 @@ class LlambaConfig(PreTrainedConfig):
     def known_keys(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self)} | {"architectures", "model_type", "transformers_version",
                                                               "auto_map", "tie_word_embeddings", "dtype"}
+
+
+def register_auto_config() -> None:
+    """AutoConfig resolves model_type 'llamba' (runs on import; llamba.model registers the model class)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register("llamba", LlambaConfig)
+    except ValueError:  # already registered (re-import)
+        pass
+
+
+register_auto_config()

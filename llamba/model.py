@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from llamba.cache import LlambaState
-from llamba.config import LlambaConfig
+from llamba.config import LlambaConfig, register_auto_config
 from llamba.mixer import DiscreteMamba2
 from llamba.ops import resolve_kernels
 
@@ -170,3 +170,17 @@ class LlambaForCausalLM(LlambaPreTrainedModel):
             state.update(i, new_state)
         state.seqlen += 1
         return self.lm_head(self.backbone.final_layernorm(h)).float()
+
+
+def register_auto_classes() -> None:
+    """AutoConfig / AutoModelForCausalLM.from_pretrained(dir) resolve model_type 'llamba' (runs on import)."""
+    from transformers import AutoModelForCausalLM
+
+    register_auto_config()
+    try:
+        AutoModelForCausalLM.register(LlambaConfig, LlambaForCausalLM)
+    except ValueError:  # already registered (re-import)
+        pass
+
+
+register_auto_classes()
