@@ -9,6 +9,7 @@ Sub-layer names follow Llama (and cartesia's checkpoints) so teacher weights cop
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +199,23 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         embeds = kwargs.pop("inputs_embeds", None)
         inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
         return {**inputs, "cache": cache, "attention_mask": attention_mask, **kwargs}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # cartesia's pytorch_model.bin files may prefix every name with "model."; ours never do.
+        kwargs.setdefault("key_mapping", {r"^model\.": ""})
+        return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save_pretrained, plus what makes the directory usable anywhere: `auto_map` with the
+        flattened remote-code files (llamba.remote_code) and a model card (README.md) from the config."""
+        from llamba.checkpoints import model_card
+        from llamba.remote_code import AUTO_MAP, write_remote_code
+
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+        (Path(save_directory) / "README.md").write_text(model_card(self.config), encoding="utf-8")
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
