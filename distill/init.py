@@ -72,6 +72,9 @@ def build_student(teacher: nn.Module, init: str = "llamba", seed: int = 0, **ove
     config = student_config(teacher, **overrides)
     torch.manual_seed(seed)
     student = LlambaForCausalLM(config)
+    student.config.distillation = {"teacher": getattr(teacher.config, "name_or_path", None) or None}
+    if getattr(teacher, "generation_config", None) is not None:  # saved as the student's generation_config.json
+        student.generation_config = teacher.generation_config.__class__.from_dict(teacher.generation_config.to_dict())
     copy_non_mixer(student, teacher)
     if init == "attention":
         tc = teacher.config

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llamba.checkpoints import load_model
+from llamba.checkpoints import load_model, record_distillation
 from llamba.distill.data import TokenData, build_token_data, load_documents
 from llamba.distill.distributed import (
     DistContext,
@@ -480,6 +480,8 @@ def distill_all(
                       text_field=text_field, stream=stream)
         if ctx.is_main:
             atomic_write_text(eval_file, json.dumps(ev, indent=1))
+            record_distillation(out / "stage3", teacher=teacher if isinstance(teacher, str) else None, tokens=tokens,
+                                ppl_ratio=ev.get("ppl_ratio"))
     ctx.barrier()
     result["eval"] = json.loads(eval_file.read_text())
     return result

@@ -1,23 +1,33 @@
-"""Dark Room and Key-to-Door: gymnasium envs, batched NumPy twins, task splits, optimal returns.
+"""Dark Room and Key-to-Door: gymnasium envs, batched NumPy twins and VectorEnvs, task splits, optimal returns.
 
-Importing the package registers ``DarkRoom-v0`` and ``KeyToDoor-v0`` with gymnasium.
+Importing the package registers ``llamba/DarkRoom-v0`` and ``llamba/KeyToDoor-v0`` with gymnasium (render mode
+"ansi", max_episode_steps = the default horizon: pass ``max_episode_steps`` with a longer ``horizon``;
+`gymnasium.make_vec` uses the batched twins);
+``gym.make("llamba.envs:llamba/DarkRoom-v0")`` does the import itself.
 """
-
-import gymnasium as gym
 
 from llamba.envs.batched import BatchedDarkRoom, BatchedKeyToDoor
 from llamba.envs.darkroom import DarkRoom, darkroom_optimal_return
 from llamba.envs.keytodoor import KeyToDoor, keytodoor_optimal_return
-from llamba.envs.tasks import EnvSpec, darkroom_split, keytodoor_split, optimal_return
+from llamba.envs.tasks import (
+    FAMILIES,
+    EnvFamily,
+    EnvSpec,
+    darkroom_split,
+    keytodoor_split,
+    optimal_return,
+    register_envs,
+    register_family,
+)
 
-for _id, _entry in (("DarkRoom-v0", "llamba.envs.darkroom:DarkRoom"), ("KeyToDoor-v0", "llamba.envs.keytodoor:KeyToDoor")):
-    if _id not in gym.registry:
-        gym.register(id=_id, entry_point=_entry)
+register_envs()
 
 __all__ = [
+    "FAMILIES",
     "BatchedDarkRoom",
     "BatchedKeyToDoor",
     "DarkRoom",
+    "EnvFamily",
     "EnvSpec",
     "KeyToDoor",
     "darkroom_optimal_return",
@@ -25,4 +35,6 @@ __all__ = [
     "keytodoor_optimal_return",
     "keytodoor_split",
     "optimal_return",
+    "register_envs",
+    "register_family",
 ]

@@ -31,6 +31,13 @@ class BatchedDarkRoom:
         self.done = np.zeros(self.b, dtype=bool)
         return self.pos.copy()
 
+    def reset_rows(self, rows: np.ndarray, rng: np.random.Generator | None = None, tasks=None) -> np.ndarray:
+        """Restart the envs where rows (b,) is True, with new goals (k,) when given -> (b,) observations."""
+        if tasks is not None:
+            self.goals[rows] = np.asarray(tasks, dtype=np.int64).reshape(-1)
+        self.pos[rows], self.t[rows], self.reached[rows], self.done[rows] = self.centre, 0, False, False
+        return self.pos.copy()
+
     def step(self, actions: np.ndarray):
         """actions: (b,) -> obs (b,), reward (b,), terminated (b,), truncated (b,)."""
         active = ~self.done
@@ -65,6 +72,17 @@ class BatchedKeyToDoor:
         self.t = np.zeros(self.b, dtype=np.int64)
         self.has_key = np.zeros(self.b, dtype=bool)
         self.done = np.zeros(self.b, dtype=bool)
+        return self.pos.copy()
+
+    def reset_rows(self, rows: np.ndarray, rng: np.random.Generator | None = None, tasks=None) -> np.ndarray:
+        """Restart the envs where rows (b,) is True (new random starts; new (k, 2) tasks when given)."""
+        rng = rng if rng is not None else np.random.default_rng()
+        if tasks is not None:
+            tasks = np.asarray(tasks, dtype=np.int64).reshape(-1, 2)
+            self.key[rows], self.door[rows] = tasks[:, 0], tasks[:, 1]
+        draw = rng.integers(0, self.size * self.size - 1, size=int(rows.sum()))
+        self.pos[rows] = draw + (draw >= self.key[rows])
+        self.t[rows], self.has_key[rows], self.done[rows] = 0, False, False
         return self.pos.copy()
 
     def step(self, actions: np.ndarray):

@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from llamba.envs.grid import NUM_ACTIONS, manhattan, move, to_cell
+from llamba.envs.grid import NUM_ACTIONS, manhattan, move, render_ansi, to_cell
 
 REWARD_MODES = ("repeat", "once")
 
@@ -15,9 +15,10 @@ class DarkRoom(gym.Env):
     """size x size grid, start at the centre, +1 on every step spent on the goal (``reward="repeat"``)
     or only the first time (``"once"``); ``terminate_on_goal`` ends the episode on reaching it.
     The episode is truncated after ``horizon`` steps. ``goal=None`` draws a non-centre goal on every reset.
-    ``reset(options={"start": cell})`` overrides the start cell (used by equivalence tests)."""
+    ``reset(options={"start": cell})`` overrides the start cell (used by equivalence tests).
+    ``render_mode="ansi"``: ``render()`` returns the grid as text (A agent, G goal)."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(
         self,
@@ -26,7 +27,11 @@ class DarkRoom(gym.Env):
         horizon: int = 20,
         reward: str = "repeat",
         terminate_on_goal: bool = False,
+        render_mode: str | None = None,
     ):
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.render_mode = render_mode
         if reward not in REWARD_MODES:
             raise ValueError(f"reward must be one of {REWARD_MODES}, got {reward!r}")
         if size < 2 or horizon < 1:
@@ -60,6 +65,11 @@ class DarkRoom(gym.Env):
         terminated = bool(on_goal and self.terminate_on_goal)
         truncated = self.t >= self.horizon and not terminated
         return int(self.pos), reward, terminated, truncated, {"goal": self.goal}
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            return render_ansi(self.size, self.pos, {self.goal: "G"})
+        return None
 
 
 def darkroom_optimal_return(

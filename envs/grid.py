@@ -48,3 +48,15 @@ def toward(cells: np.ndarray, targets: np.ndarray, size: int) -> np.ndarray:
     vertical = np.where(r1 > r0, 3, 1)
     horizontal = np.where(c1 > c0, 2, 4)
     return np.where(r0 != r1, vertical, np.where(c0 != c1, horizontal, 0))
+
+
+def render_ansi(size: int, agent: int, marks: dict[int, str]) -> str:
+    """A text picture of the grid: 'A' the agent, marks {cell: char} (goal, key, door), '.' elsewhere."""
+    rows = []
+    for r in range(size):
+        row = [marks.get(r * size + c, ".") for c in range(size)]
+        if agent // size == r:
+            row[agent % size] = "A"
+        rows.append(" ".join(row))
+    return "\n".join(rows) + "\n"
+

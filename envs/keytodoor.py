@@ -6,17 +6,22 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from llamba.envs.grid import NUM_ACTIONS, manhattan, move, to_cell
+from llamba.envs.grid import NUM_ACTIONS, manhattan, move, render_ansi, to_cell
 
 
 class KeyToDoor(gym.Env):
     """size x size grid, random start (never on the key), +1 on first reaching the key, +1 on reaching the door
     after the key; the episode ends at the door (``terminate_at_door``) or is truncated after ``horizon`` steps.
-    ``key=None`` / ``door=None`` draw a distinct (key, door) pair on every reset."""
+    ``key=None`` / ``door=None`` draw a distinct (key, door) pair on every reset.
+    ``render_mode="ansi"``: ``render()`` returns the grid as text (A agent, K key until picked up, D door)."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(self, key=None, door=None, size: int = 9, horizon: int = 50, terminate_at_door: bool = True):
+    def __init__(self, key=None, door=None, size: int = 9, horizon: int = 50, terminate_at_door: bool = True,
+                 render_mode: str | None = None):
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.render_mode = render_mode
         if (key is None) != (door is None):
             raise ValueError("pass both key= and door=, or neither")
         if size < 2 or horizon < 1:
@@ -56,6 +61,12 @@ class KeyToDoor(gym.Env):
             reward, terminated = 1.0, self.terminate_at_door
         truncated = self.t >= self.horizon and not terminated
         return int(self.pos), reward, terminated, truncated, {"key": self.key, "door": self.door}
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            marks = {self.door: "D"} | ({} if self.has_key else {self.key: "K"})
+            return render_ansi(self.size, self.pos, marks)
+        return None
 
 
 def keytodoor_optimal_return(tasks, size: int = 9, horizon: int = 50) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`llamba export mlx`, `llamba chat`, `llamba generate`: argument parsing over export.convert / export.chat.
 
-Nothing here imports mlx at module level, so `--help` and `--backend torch` work without it."""
+Nothing here imports mlx, torch or transformers at module level, so `--help` is fast and `--backend torch`
+works without mlx."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import time
 
 import click
 
-from llamba.export.chat import ChatSession, TextStream, open_engine, prompt_messages, render, require_mlx
 from llamba.export.convert import DTYPES, Q_GROUP_SIZES, ExportError
-from llamba.generate import SamplingParams, chat_stop_ids
 
 BACKENDS = ("auto", "mlx", "torch")
 
@@ -28,14 +27,18 @@ def export() -> None:
 @export.command("mlx")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="Llamba checkpoint (ours or cartesia's).")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="New output directory.")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize linears/embedding (affine).")
-@click.option("--q-group-size", type=click.Choice([str(g) for g in Q_GROUP_SIZES]), default="64", show_default=True)
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize linears/embedding (affine); default: no quantization.")
+@click.option("--q-group-size", type=click.Choice([str(g) for g in Q_GROUP_SIZES]), default="64", show_default=True,
+              help="Weights sharing one quantization scale; layers whose width it does not divide stay unquantized.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
               help="dtype of the unquantized weights.")
 @click.option("--tokenizer", type=click.Path(), default=None,
               help="Tokenizer directory (default: the checkpoint's, else the embedded SmolLM2 teacher's).")
 def export_mlx(model_path, out_dir, q_bits, q_group_size, dtype, tokenizer) -> None:
     """Write an MLX model directory that `llamba chat` and mlx-lm (--trust-remote-code) load."""
+    from llamba.export.chat import require_mlx
+
     try:
         require_mlx()
         from llamba.export.convert import convert
@@ -49,11 +52,19 @@ def export_mlx(model_path, out_dir, q_bits, q_group_size, dtype, tokenizer) -> N
 
 def _sampling_options(f):
     for opt in reversed([
-        click.option("--max-tokens", type=click.IntRange(min=0), default=256, show_default=True),
-        click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True),
-        click.option("--seed", type=int, default=None),
+        click.option("--max-tokens", type=click.IntRange(min=0), default=256, show_default=True,
+                     help="Most tokens to generate per answer (an end-of-turn token stops earlier)."),
+        click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Sampling temperature; 0 = greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Nucleus sampling: keep the most likely tokens holding this probability mass (1 = off)."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Sample among the k most likely tokens only (0 = off)."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True,
+                     help="CTRL-style penalty on tokens already in the context (>1 discourages repeats; "
+                          "the demo uses 1.2; 1 = off)."),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling (default: unseeded)."),
         click.option("--system", default=None, help="System prompt."),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                      help="auto: mlx for an exported directory, torch for a checkpoint."),
@@ -65,6 +76,8 @@ def _sampling_options(f):
 
 
 def _engine(model_path: str, backend: str):
+    from llamba.export.chat import open_engine, require_mlx
+
     try:
         if backend == "mlx":
             require_mlx()
@@ -81,6 +94,8 @@ def _stats(n_prompt: int, t_prompt: float, n_gen: int, t_gen: float, peak: int) 
 def _stream(engine, tokens, stop: tuple[int, ...], n_prompt) -> list[int]:
     """Echo the tokens of an iterator as text as they come, then the speed line on stderr.
     n_prompt: a callable giving the number of prompt tokens fed (known once the iterator has started)."""
+    from llamba.export.chat import TextStream
+
     out = TextStream(engine.tokenizer, stop)
     engine.reset_peak_memory()
     t0 = time.perf_counter()
@@ -99,11 +114,15 @@ def _stream(engine, tokens, stop: tuple[int, ...], n_prompt) -> list[int]:
 
 @click.command()
 @_sampling_options
-def chat(model_path, backend, max_tokens, temp, top_p, top_k, seed, system) -> None:
+def chat(model_path, backend, max_tokens, temp, top_p, top_k, repetition_penalty, seed, system) -> None:
     """Multi-turn chat; the context is carried in the recurrent state. /reset clears it, /exit quits."""
+    from llamba.export.chat import ChatSession
+    from llamba.generate import SamplingParams
+
     engine = _engine(model_path, backend)
     try:
-        params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, max_new_tokens=max_tokens, seed=seed)
+        params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                max_new_tokens=max_tokens, seed=seed)
         session = ChatSession(engine, params, system=system)
     except (ExportError, ValueError) as e:
         raise _fail(e) from None
@@ -132,16 +151,20 @@ def chat(model_path, backend, max_tokens, temp, top_p, top_k, seed, system) -> N
 @_sampling_options
 @click.option("--prompt", required=True, help="Prompt text ('-' reads stdin).")
 @click.option("--raw", is_flag=True, help="Feed the prompt as-is, without the chat template.")
-def generate(model_path, backend, max_tokens, temp, top_p, top_k, seed, system, prompt, raw) -> None:
+def generate(model_path, backend, max_tokens, temp, top_p, top_k, repetition_penalty, seed, system, prompt,
+             raw) -> None:
     """One-shot generation for scripts: the answer on stdout, a speed line on stderr."""
+    from llamba.export.chat import prompt_messages, render
+    from llamba.generate import SamplingParams, chat_stop_ids
+
     engine = _engine(model_path, backend)
     if prompt == "-":
         prompt = sys.stdin.read()
     tok = engine.tokenizer
     try:
         ids = tok.encode(prompt, add_special_tokens=True) if raw else render(tok, prompt_messages(prompt, system))
-        params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, max_new_tokens=max_tokens, seed=seed,
-                                stop_token_ids=chat_stop_ids(tok))
+        params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                max_new_tokens=max_tokens, seed=seed, stop_token_ids=chat_stop_ids(tok))
     except (ExportError, ValueError) as e:
         raise _fail(e) from None
     if not ids:

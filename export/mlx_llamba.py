@@ -13,6 +13,10 @@ Per layer (reference §1.3), with a_t = exp(-softplus(A_log_t)) and no Δ on B:
 - Decode (l == 1 with a cache): one O(1) recurrent step (`ssd_step`), compiled; on Apple GPUs a Metal
   kernel (`_metal_ssd_step`) takes the step when its preconditions hold (`ssd_step_dispatch`).
 - Cache: one `ArraysCache(size=2)` per layer: [conv window (b, k-1, conv_dim), SSM state (b, h, p, n) fp32].
+- Batches (`mlx_lm.batch_generate`, `mlx_lm.server`): the cache's padding mask (`make_mask`: left padding and/or
+  right-padded `lengths`) marks padded positions; there the conv input is zeroed and the SSM state is held
+  (decay 1, x = 0), the conv window is taken at each row's last real token, and `advance` moves the padding
+  bookkeeping on, so every row of a batch generates what it would alone.
 
 Departures from the PyTorch module layout, all applied by `sanitize`:
 - `mixer.in_proj` is split into `in_proj` (x | B | C | z rows) and `a_proj` (the A_log rows), so that
@@ -211,8 +215,10 @@ class CausalConv(nn.Module):
         if bias:
             self.bias = mx.zeros((channels,))
 
-    def __call__(self, u: mx.array, window: mx.array | None) -> tuple[mx.array, mx.array]:
-        """u (b, l, conv_dim), window (b, k-1, conv_dim) past inputs or None -> y (b, l, conv_dim), new window."""
+    def __call__(self, u: mx.array, window: mx.array | None, lengths: mx.array | None = None
+                 ) -> tuple[mx.array, mx.array]:
+        """u (b, l, conv_dim), window (b, k-1, conv_dim) past inputs or None -> y (b, l, conv_dim), new window.
+        lengths (b,): real tokens per row of a right-padded batch; the new window ends at the last of them."""
         k = self.weight.shape[0]
         b, l, d = u.shape
         past = mx.zeros((b, k - 1, d), u.dtype) if window is None else window.astype(u.dtype)
@@ -222,7 +228,10 @@ class CausalConv(nn.Module):
             y = y + xs[:, j:j + l] * self.weight[j]
         if "bias" in self:
             y = y + self.bias
-        return y, xs[:, l:]
+        if lengths is None:
+            return y, xs[:, l:]
+        starts = mx.clip(lengths, 0, l)  # window = xs[start : start + k-1] holds the k-1 inputs before `lengths`
+        return y, mx.take_along_axis(xs, (starts[:, None] + mx.arange(k - 1))[..., None], axis=1)
 
 
 class DiscreteMamba2(nn.Module):
@@ -238,27 +247,36 @@ class DiscreteMamba2(nn.Module):
         self.D = mx.ones((args.n_v_heads,))
         self.out_proj = nn.Linear(args.d_inner, args.d_model, bias=args.bias)
 
-    def __call__(self, u: mx.array, cache: ArraysCache | None = None) -> mx.array:
-        """u (b, l, d) -> (b, l, d). With a cache, continues from its state and updates it."""
+    def __call__(self, u: mx.array, cache: ArraysCache | None = None, mask: mx.array | None = None) -> mx.array:
+        """u (b, l, d) -> (b, l, d). With a cache, continues from its state and updates it.
+        mask (b, l) bool, False at padding: padded positions leave the state as it was."""
         b, l, _ = u.shape
         a = self.args
         xbc, z = mx.split(self.in_proj(u), [a.conv_dim], axis=-1)  # (b, l, conv_dim), (b, l, d_inner)
         log_decay = -mx.logaddexp(self.a_proj(u).astype(mx.float32), 0.0)  # (b, l, h) = -softplus(A_log)
         window, state = (cache[0], cache[1]) if cache is not None else (None, None)
-        xbc, window = self.conv1d(xbc, window)
+        if mask is not None:
+            xbc = mx.where(mask[..., None], xbc, 0)
+        lengths = getattr(cache, "lengths", None) if cache is not None else None
+        xbc, window = self.conv1d(xbc, window, lengths)
         if a.activation == "silu":
             xbc = nn.silu(xbc)
         x, B, C = mx.split(xbc, [a.d_inner, a.d_inner + self.g * self.n], axis=-1)
         x = x.reshape(b, l, self.h, self.p)
         B = B.reshape(b, l, self.g, self.n)
         C = C.reshape(b, l, self.g, self.n)
-        if l == 1 and state is not None:
+        if mask is not None:  # hold the state: decay 1 (log 0) and no input at padded positions
+            x = mx.where(mask[..., None, None], x, 0)
+            log_decay = mx.where(mask[..., None], log_decay, 0.0)
+        if l == 1 and state is not None and mask is None:
             y, state = ssd_step_dispatch(x[:, 0], log_decay[:, 0], B[:, 0], C[:, 0], state)
             y = y[:, None]
         else:
             y, state = ssd_chunked(x, log_decay, B, C, a.chunk_size, state)
         if cache is not None:
             cache[0], cache[1] = window, state
+            if hasattr(cache, "advance"):
+                cache.advance(l)  # mlx-lm's padding bookkeeping (left_padding / lengths) moves past these tokens
         y = y.astype(u.dtype) + self.D[:, None].astype(u.dtype) * x
         gate = z + self.z_bias if "z_bias" in self else z
         return self.out_proj(y.reshape(b, l, a.d_inner) * nn.silu(gate))
@@ -285,8 +303,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.d_model, eps=args.norm_eps)
         self.mlp = MLP(args)
 
-    def __call__(self, x: mx.array, cache: ArraysCache | None = None) -> mx.array:
-        x = x + self.mixer(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache: ArraysCache | None = None, mask: mx.array | None = None) -> mx.array:
+        x = x + self.mixer(self.input_layernorm(x), cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -312,8 +330,10 @@ class Model(nn.Module):
         """inputs (b, l) token ids -> logits (b, l, v) in the weights' dtype, or (b, num_last_tokens, v).
         `cache` from `make_cache()` is updated in place; without one the call starts from a zero state."""
         x = self.backbone.embedding(inputs)
+        # mlx-lm's batch padding mask (b, l), or None: every layer's cache holds the same padding bookkeeping.
+        mask = cache[0].make_mask(inputs.shape[1]) if cache is not None and hasattr(cache[0], "make_mask") else None
         for i, layer in enumerate(self.backbone.layers):
-            x = layer(x, cache[i] if cache is not None else None)
+            x = layer(x, cache[i] if cache is not None else None, mask)
         if num_last_tokens > 0:  # prefill: the head over the whole prompt is wasted work
             x = x[:, -num_last_tokens:]
         x = self.backbone.final_layernorm(x)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llamba.config import ConfigError, LlambaConfig
-from llamba.model import LlambaForCausalLM
+from llamba.model import LlambaForCausalLM, register_auto_classes  # noqa: F401  (re-exported)
 
 REQUIRED_FIELDS = ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads", "n_qk_heads")
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
@@ -38,17 +38,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16")
     return DTYPES[dtype]
-
-
-def register_auto_classes() -> None:
-    """After `import llamba`, AutoConfig / AutoModelForCausalLM.from_pretrained(dir) resolve model_type 'llamba'."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        AutoConfig.register("llamba", LlambaConfig)
-        AutoModelForCausalLM.register(LlambaConfig, LlambaForCausalLM)
-    except ValueError:  # already registered (re-import)
-        pass
 
 
 def read_config(path: str | Path) -> tuple[LlambaConfig, str]:
@@ -158,6 +147,64 @@ def atomic_save(model: LlambaForCausalLM, out_dir: str | Path, tokenizer=None, e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def model_card(config: LlambaConfig) -> str:
+    """README.md of a checkpoint: what it is, where it came from (config.distillation), how to load it."""
+    info = config.distillation or {}
+    teacher = info.get("teacher") or "unknown"
+    tokens = f"{int(info['tokens']):,}" if info.get("tokens") is not None else "unknown"
+    ratio = f"{float(info['ppl_ratio']):.3f}" if info.get("ppl_ratio") is not None else "not measured"
+    params = (config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+              + config.n_layer * (config.d_model * (config.d_in_proj + config.d_inner + 3 * config.intermediate_size)))
+    return f"""---
+library_name: transformers
+tags: [llamba, mamba-2, distillation, recurrent]
+---
+# Llamba student
+
+A recurrent Llamba model: the Llama skeleton with every attention block replaced by a discrete Mamba-2 mixer,
+distilled with MOHAWK (matrix orientation, hidden-state alignment, knowledge distillation).
+
+| | |
+|---|---|
+| teacher | {teacher} |
+| distillation budget (tokens) | {tokens} |
+| held-out perplexity ratio (student / teacher) | {ratio} |
+| layers / width / heads / state | {config.n_layer} / {config.d_model} / {config.n_v_heads} / {config.d_state} |
+| parameters (approx.) | {params / 1e6:.1f}M |
+
+Decoding memory is constant in the context length: the whole context lives in a fixed-size recurrent state.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # or `import llamba` first
+tokenizer = AutoTokenizer.from_pretrained(DIR)
+out = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=32)
+```
+
+`configuration_llamba.py` and `modeling_llamba.py` are generated from the `llamba` package and need only torch
+and transformers.
+"""
+
+
+def record_distillation(path: str | Path, teacher: str | None = None, tokens: int | None = None,
+                        ppl_ratio: float | None = None) -> None:
+    """Add what is known about a finished distillation to a checkpoint's config.json (`distillation`) and
+    regenerate its model card. Each file is replaced atomically; unknown values keep what was recorded."""
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    info = dict(raw.get("distillation") or {})
+    for key, value in (("teacher", teacher), ("tokens", tokens), ("ppl_ratio", ppl_ratio)):
+        if value is not None:
+            info[key] = value
+    raw["distillation"] = info
+    config, _ = read_config(path)
+    config.distillation = info
+    for name, text in (("config.json", json.dumps(raw, indent=2) + "\n"), ("README.md", model_card(config))):
+        tmp = path / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path / name)
 
 
 def save_cartesia(model: LlambaForCausalLM, out_dir: str | Path) -> Path:

@@ -78,8 +78,10 @@ SMALL_BUDGET_LR = {1: {"lr": 1e-3}, 2: {"lr": 1e-3}, 3: {"lr": 3e-4}}
               help="Total distillation budget in tokens (default: `llamba distill all`'s, sized for ~15 min on 2 CPU cores).")
 @click.option("--q-bits", type=click.Choice(["4", "8", "none"]), default="8", show_default=True,
               help="Quantization of the MLX export.")
-@click.option("--prompt", default="What is the capital of France?", show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--prompt", default="What is the capital of France?", show_default=True,
+              help="The chat prompt answered at the end.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Most tokens in that answer.")
 def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int) -> None:
     """Distill the embedded SmolLM2-135M teacher, compare perplexities, export to MLX and answer one chat prompt.
 

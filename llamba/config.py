@@ -38,12 +38,15 @@ class LlambaConfig(PreTrainedConfig):
     activation: str = "identity"  # after the conv: "identity" (Llamba) or "silu"
     bias: bool = False  # in_proj / out_proj bias (when False, a separate z_bias feeds the gate)
     conv_bias: bool = True
+    # Provenance for the model card: {"teacher": name, "tokens": budget, "ppl_ratio": student/teacher perplexity}
+    distillation: dict | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
         kwargs.pop("tie_word_embeddings", None)  # `tie_embeddings` is the one source of truth
+        self._read_cartesia_keys(kwargs)
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = self.tie_embeddings
         self.check()
@@ -148,35 +151,52 @@ class LlambaConfig(PreTrainedConfig):
             },
         }
 
+    def _read_cartesia_keys(self, extra: dict) -> None:
+        """cartesia's nested layout (`mlp_cfg`, `ssm_cfg`, `norm_epsilon`, `pad_vocab_size_multiple`) arrives as
+        unknown keys: move them onto our flat fields, so AutoConfig / from_pretrained read their directories."""
+        if "ssm_cfg" not in extra and "mlp_cfg" not in extra:
+            return
+        try:
+            mlp, ssm = extra.pop("mlp_cfg"), extra.pop("ssm_cfg")
+            self.intermediate_size = mlp["intermediate_size"]
+            self.mlp_bias = mlp.get("bias", False)
+            self.hidden_act = mlp.get("act_fn", "silu")
+            self.d_state = ssm["d_state"]
+            self.n_v_heads = ssm["n_v_heads"]
+            self.n_qk_heads = ssm.get("n_qk_heads", ssm["n_v_heads"])
+            self.expand = ssm.get("expand", 1)
+            self.chunk_size = ssm.get("chunk_size", 128)
+            self.activation = ssm.get("activation", "identity")
+            self.bias = ssm.get("bias", False)
+        except KeyError as e:
+            raise ConfigError(f"cartesia config is missing required key {e.args[0]!r}") from None
+        self.norm_eps = extra.pop("norm_epsilon", self.norm_eps)
+        multiple = extra.pop("pad_vocab_size_multiple", 1) or 1
+        self.vocab_size = ((self.vocab_size + multiple - 1) // multiple) * multiple  # cartesia pads the table
+        for unused in ("lm_head_bias", "resid_dropout"):  # always False / 0.0 in their releases
+            extra.pop(unused, None)
+
     @classmethod
     def from_cartesia_dict(cls, raw: dict) -> LlambaConfig:
         """Read cartesia's nested config (`mlp_cfg`, `ssm_cfg`); missing required keys are ConfigErrors."""
-        try:
-            mlp, ssm = raw["mlp_cfg"], raw["ssm_cfg"]
-            vocab = raw["vocab_size"]
-            multiple = raw.get("pad_vocab_size_multiple", 1) or 1
-            vocab = ((vocab + multiple - 1) // multiple) * multiple  # cartesia pads the embedding table
-            fields = dict(
-                vocab_size=vocab,
-                d_model=raw["d_model"],
-                n_layer=raw["n_layer"],
-                intermediate_size=mlp["intermediate_size"],
-                mlp_bias=mlp.get("bias", False),
-                hidden_act=mlp.get("act_fn", "silu"),
-                norm_eps=raw.get("norm_epsilon", 1e-5),
-                tie_embeddings=raw.get("tie_embeddings", True),
-                d_state=ssm["d_state"],
-                n_v_heads=ssm["n_v_heads"],
-                n_qk_heads=ssm.get("n_qk_heads", ssm["n_v_heads"]),
-                expand=ssm.get("expand", 1),
-                chunk_size=ssm.get("chunk_size", 128),
-                activation=ssm.get("activation", "identity"),
-                bias=ssm.get("bias", False),
-            )
-        except KeyError as e:
-            raise ConfigError(f"cartesia config is missing required key {e.args[0]!r}") from None
-        return cls(**fields)
+        missing = [k for k in ("vocab_size", "d_model", "n_layer", "mlp_cfg", "ssm_cfg") if k not in raw]
+        if missing:
+            raise ConfigError(f"cartesia config is missing required key {missing[0]!r}")
+        return cls(**{k: v for k, v in raw.items() if k != "model_type"})
 
     def known_keys(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self)} | {"architectures", "model_type", "transformers_version",
                                                               "auto_map", "tie_word_embeddings", "dtype"}
+
+
+def register_auto_config() -> None:
+    """AutoConfig resolves model_type 'llamba' (runs on import; llamba.model registers the model class)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register("llamba", LlambaConfig)
+    except ValueError:  # already registered (re-import)
+        pass
+
+
+register_auto_config()

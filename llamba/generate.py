@@ -104,13 +104,13 @@ def stream_generate(model, prompt_ids: Sequence[int] | torch.Tensor, params: Sam
         raise ValueError("empty prompt and empty state: nothing to condition on")
     if params.max_new_tokens == 0:
         if ids.shape[1]:
-            state.extra["last_logits"] = model(ids, state=state, num_last_tokens=1).logits[:, -1]
+            state.last_logits = model(ids, state=state, num_last_tokens=1).logits[:, -1]
         return
     if ids.shape[1]:
         logits = model(ids, state=state, num_last_tokens=1).logits[:, -1]
-        state.extra["last_logits"] = logits
-    elif "last_logits" in state.extra:
-        logits = state.extra["last_logits"]
+        state.last_logits = logits
+    elif state.last_logits is not None:
+        logits = state.last_logits
     else:
         raise ValueError("empty prompt and the state holds no logits to continue from")
     for i in range(params.max_new_tokens):
@@ -118,7 +118,7 @@ def stream_generate(model, prompt_ids: Sequence[int] | torch.Tensor, params: Sam
         context = torch.cat([context, token[:, None]], dim=1)
         tok = int(token)
         logits = model.step(token, state)
-        state.extra["last_logits"] = logits
+        state.last_logits = logits
         yield tok
         if tok in params.stop_token_ids or i == params.max_new_tokens - 1:
             return

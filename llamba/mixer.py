@@ -82,8 +82,10 @@ class DiscreteMamba2(nn.Module):
         return x.reshape(*lead, self.h, self.p), B.reshape(*lead, self.g, self.n), C.reshape(*lead, self.g, self.n)
 
     def forward(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                return_matrix: bool = False):
-        """u: (b, l, d); state: (conv (b, conv_dim, k-1), ssm (b, h, p, n)) to continue from, or None.
+                return_matrix: bool = False, mask: torch.Tensor | None = None):
+        """u: (b, l, d); state: (conv (b, conv_dim, k-1), ssm (b, h, p, n)) to continue from, or None;
+        mask: (b, l), 0 at padding. Padded positions leave the state as it was: their conv input is zero
+        (a left-padded window looks like a fresh one) and their decay is 1 with x = 0 (the SSM state is held).
 
         Returns (out (b, l, d), new_state, M) with M the (b, h, l, l) mixing matrix when return_matrix,
         else None. M includes D on its diagonal, so M @ x is the pre-gate output y."""
@@ -91,13 +93,20 @@ class DiscreteMamba2(nn.Module):
         proj = self.in_proj(u)
         xbc, z, a_log = torch.split(proj, [self.config.conv_dim, self.d_inner, self.h], dim=-1)
         conv_state, ssm_state = state if state is not None else (None, None)
+        keep = mask.to(xbc.dtype)[..., None] if mask is not None else None  # (b, l, 1)
+        if keep is not None:
+            xbc = xbc * keep
         xbc, conv_state = causal_conv1d(xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias,
                                         conv_state, kernels=self.kernels)
         xbc = xbc.transpose(1, 2)  # (b, l, conv_dim)
         if self.config.activation == "silu":
             xbc = F.silu(xbc)
+        if keep is not None:
+            xbc = xbc * keep
         x, B, C = self._split_xbc(xbc)
         log_decay = -F.softplus(a_log.float())  # (b, l, h): log a_t
+        if keep is not None:
+            log_decay = log_decay * keep.float()
         y, ssm_state = ssd_chunked(x, log_decay, B, C, self.config.chunk_size, initial_state=ssm_state,
                                    kernels=self.kernels)
         y = y + self.D[:, None].to(y.dtype) * x

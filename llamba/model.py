@@ -9,15 +9,17 @@ Sub-layer names follow Llama (and cartesia's checkpoints) so teacher weights cop
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from llamba.cache import LlambaState
-from llamba.config import LlambaConfig
+from llamba.config import LlambaConfig, register_auto_config
 from llamba.mixer import DiscreteMamba2
 from llamba.ops import resolve_kernels
 
@@ -50,7 +52,10 @@ class LlambaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlambaBlock(nn.Module):
+class LlambaBlock(GradientCheckpointingLayer):
+    """With gradient checkpointing on (training), transformers re-runs `forward` in the backward pass; that is
+    safe because the block returns its new state instead of writing it."""
+
     def __init__(self, config: LlambaConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
@@ -58,10 +63,11 @@ class LlambaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = LlambaMLP(config)
 
-    def forward(self, h: torch.Tensor, state=None, run_mlp: bool = True, return_matrix: bool = False):
+    def forward(self, h: torch.Tensor, state=None, run_mlp: bool = True, return_matrix: bool = False,
+                mask: torch.Tensor | None = None):
         """h: (b, l, d) -> (h', new mixer state, mixing matrix or None). With run_mlp=False, h' is the
-        mixer output alone (no residual): what stage 1 and mixer-only stage 2 compare."""
-        mixed, new_state, matrix = self.mixer(self.input_layernorm(h), state, return_matrix=return_matrix)
+        mixer output alone (no residual): what stage 1 and mixer-only stage 2 compare. mask: (b, l), 0 = padding."""
+        mixed, new_state, matrix = self.mixer(self.input_layernorm(h), state, return_matrix=return_matrix, mask=mask)
         if not run_mlp:
             return mixed, new_state, matrix
         h = h + mixed
@@ -89,6 +95,7 @@ class LlambaOutput(ModelOutput):
     logits: torch.Tensor | None = None  # (b, l, v), or (b, num_last_tokens, v)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layer + 1 residual streams, like HF Llama
     state: LlambaState | None = None
+    cache: LlambaState | None = None  # the same state, under the name transformers' generate reads back
 
 
 class LlambaPreTrainedModel(PreTrainedModel):
@@ -111,7 +118,11 @@ class LlambaPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
 
 
-class LlambaForCausalLM(LlambaPreTrainedModel):
+class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
+    """transformers' `generate` works with the recurrent state as its cache: only the new token is fed after
+    the prompt, so each step costs the same at any context length; beam search reorders the state rows."""
+
+    _is_stateful = True  # no assisted decoding: a recurrent state cannot be rolled back to a prefix
     _tied_weights_keys = {"lm_head.weight": "backbone.embedding.weight"}
 
     def __init__(self, config: LlambaConfig):
@@ -136,15 +147,27 @@ class LlambaForCausalLM(LlambaPreTrainedModel):
     def alloc_state(self, batch_size: int = 1) -> LlambaState:
         return LlambaState.alloc(self.config, batch_size, self.device, self.dtype)
 
-    def forward(self, input_ids: torch.LongTensor, labels: torch.LongTensor | None = None,
-                state: LlambaState | None = None, output_hidden_states: bool = False,
-                num_last_tokens: int = 0, **_ignored) -> LlambaOutput:
-        """input_ids: (b, l). With `state`, continues from it (prefill / multi-turn) and updates it in place.
-        labels: (b, l), shifted inside, -100 ignored. num_last_tokens > 0 computes only the last logits."""
-        h = self.backbone.embedding(input_ids)
+    def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
+                state: LlambaState | None = None, output_hidden_states: bool = False, num_last_tokens: int = 0,
+                attention_mask: torch.Tensor | None = None, cache: LlambaState | None = None,
+                use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
+                **_ignored) -> LlambaOutput:
+        """input_ids: (b, l) (or inputs_embeds: (b, l, d)). With `state` (alias `cache`), continues from it
+        (prefill / multi-turn) and updates it in place; use_cache=True without one starts a new state.
+        attention_mask: (b, t >= l) 1 = token, 0 = padding; its last l columns mask this call's tokens, and
+        padded positions leave the state unchanged (left padding gives the unpadded result).
+        labels: (b, l), shifted inside, -100 ignored. num_last_tokens (alias logits_to_keep) > 0 computes only
+        the last logits."""
+        state = state if state is not None else cache
+        h = self.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        if state is None and use_cache:
+            state = self.alloc_state(h.shape[0])
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            mask = attention_mask[:, -h.shape[1]:]
         hidden = [h] if output_hidden_states else None
         for i, block in enumerate(self.backbone.layers):
-            h, new_state, _ = block(h, state.layer(i) if state is not None else None)
+            h, new_state, _ = block(h, state.layer(i) if state is not None else None, mask=mask)
             if state is not None:
                 state.update(i, new_state)
             if output_hidden_states:
@@ -153,15 +176,52 @@ class LlambaForCausalLM(LlambaPreTrainedModel):
         if output_hidden_states:
             hidden[-1] = h  # HF convention: the last entry is after the final norm
         if state is not None:
-            state.seqlen += input_ids.shape[1]
-        if num_last_tokens > 0:
-            h = h[:, -num_last_tokens:]
+            state.seqlen += h.shape[1]
+        keep = num_last_tokens or logits_to_keep
+        if keep > 0:
+            h = h[:, -keep:]
         logits = self.lm_head(h).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return LlambaOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None, state=state)
+        return LlambaOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None, state=state,
+                            cache=state)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: LlambaState | None = None,
+                                      attention_mask: torch.Tensor | None = None, **kwargs) -> dict:
+        """After the prompt only the last token is fed (the state holds the rest); the mask then has no
+        padding left to apply, so it is dropped."""
+        if cache is not None and cache.seqlen > 0:
+            input_ids, attention_mask = input_ids[:, -1:], None
+            kwargs.pop("inputs_embeds", None)
+        kwargs.pop("next_sequence_length", None)
+        kwargs.pop("is_first_iteration", None)
+        kwargs.pop("position_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+        return {**inputs, "cache": cache, "attention_mask": attention_mask, **kwargs}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # cartesia's pytorch_model.bin files may prefix every name with "model."; ours never do.
+        kwargs.setdefault("key_mapping", {r"^model\.": ""})
+        return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save_pretrained, plus what makes the directory usable anywhere: `auto_map` with the
+        flattened remote-code files (llamba.remote_code) and a model card (README.md) from the config."""
+        from llamba.checkpoints import model_card
+        from llamba.remote_code import AUTO_MAP, write_remote_code
+
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+        (Path(save_directory) / "README.md").write_text(model_card(self.config), encoding="utf-8")
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate must not build a DynamicCache: forward allocates a LlambaState instead
 
     @torch.no_grad()
     def step(self, input_ids: torch.LongTensor, state: LlambaState) -> torch.Tensor:
@@ -172,3 +232,17 @@ class LlambaForCausalLM(LlambaPreTrainedModel):
             state.update(i, new_state)
         state.seqlen += 1
         return self.lm_head(self.backbone.final_layernorm(h)).float()
+
+
+def register_auto_classes() -> None:
+    """AutoConfig / AutoModelForCausalLM.from_pretrained(dir) resolve model_type 'llamba' (runs on import)."""
+    from transformers import AutoModelForCausalLM
+
+    register_auto_config()
+    try:
+        AutoModelForCausalLM.register(LlambaConfig, LlambaForCausalLM)
+    except ValueError:  # already registered (re-import)
+        pass
+
+
+register_auto_classes()

@@ -17,11 +17,84 @@ def greedy_path(start: int, target: int, size: int = 9) -> list[int]:
 
 
 def test_registered_and_check_env():
-    assert "DarkRoom-v0" in gym.registry and "KeyToDoor-v0" in gym.registry
-    check_env(gym.make("DarkRoom-v0", goal=(1, 2)).unwrapped)
-    check_env(gym.make("KeyToDoor-v0", key=3, door=70).unwrapped)
-    check_env(gym.make("DarkRoom-v0").unwrapped)  # goal drawn from the reset seed
-    check_env(gym.make("KeyToDoor-v0").unwrapped)
+    assert "llamba/DarkRoom-v0" in gym.registry and "llamba/KeyToDoor-v0" in gym.registry
+    for env in (gym.make("llamba/DarkRoom-v0", goal=(1, 2), render_mode="ansi"),
+                gym.make("llamba/KeyToDoor-v0", key=3, door=70, render_mode="ansi"),
+                gym.make("llamba/DarkRoom-v0"),  # goal drawn from the reset seed
+                gym.make("llamba/KeyToDoor-v0")):
+        check_env(env.unwrapped)
+    assert gym.spec("llamba/DarkRoom-v0").max_episode_steps == 20
+    assert gym.spec("llamba/KeyToDoor-v0").max_episode_steps == 50
+
+
+def test_make_by_module_id_and_entry_point_without_importing_envs():
+    """gymnasium 1.x: "module:id" imports and registers; the declared entry point names the registrar."""
+    import subprocess
+    import sys
+
+    probe = ("import gymnasium as gym, importlib.metadata as md\n"
+             "e = gym.make('llamba.envs:llamba/DarkRoom-v0', goal=3)\n"
+             "assert e.reset(seed=0)[0] == 40 and e.spec.max_episode_steps == 20\n"
+             "(ep,) = [p for p in md.entry_points(group='gymnasium.envs') if p.name == 'llamba']\n"
+             "ep.load()(); ep.load()()  # idempotent\n"
+             "print('ok')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_ansi_render():
+    e = gym.make("llamba/KeyToDoor-v0", key=(0, 0), door=(2, 2), size=3, render_mode="ansi")
+    e.reset(seed=0, options={"start": (1, 1)})
+    assert e.render() == "K . .\n. A .\n. . D\n"
+    e.step(1)  # up to (0, 1)
+    e.step(4)  # left onto the key: it disappears
+    assert e.render() == "A . .\n. . .\n. . D\n"
+    with pytest.raises(ValueError, match="render_mode"):
+        DarkRoom(render_mode="human")
+
+
+def test_longer_horizon_through_make():
+    """max_episode_steps is the default horizon; a longer episode needs both (the env truncates by itself)."""
+    e = gym.make("llamba/DarkRoom-v0", goal=0, horizon=30, max_episode_steps=30)
+    e.reset(seed=0)
+    steps = 0
+    while not any(e.step(0)[2:4]):
+        steps += 1
+    assert steps + 1 == 30
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"terminate_on_goal": True, "horizon": 6}])
+def test_make_vec_equals_sync_vector_env(kwargs):
+    """The batched twin as gymnasium's vector_entry_point steps exactly like SyncVectorEnv over gym envs,
+    next-step autoreset included."""
+    goals = [41, 39, 0, 31]
+    fast = gym.make_vec("llamba/DarkRoom-v0", num_envs=4, tasks=goals, **kwargs)
+    # The env truncates at its own horizon; a longer TimeLimit stays out of the way (TimeLimit would also flag
+    # truncation on a terminating last step, which the env itself does not).
+    slow = gym.vector.SyncVectorEnv([lambda g=g: gym.make("llamba/DarkRoom-v0", goal=g, max_episode_steps=1000,
+                                                          **kwargs) for g in goals])
+    assert fast.single_action_space == slow.single_action_space
+    assert fast.metadata["autoreset_mode"] == slow.metadata["autoreset_mode"]
+    a, b = fast.reset(seed=0)[0], slow.reset(seed=0)[0]
+    assert np.array_equal(a, b)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        actions = rng.integers(0, 5, size=4)
+        fa, sa = fast.step(actions), slow.step(actions)
+        for x, y in zip(fa[:4], sa[:4], strict=True):
+            assert np.array_equal(x, y)
+
+
+def test_make_vec_draws_tasks_per_reset_for_keytodoor():
+    v = gym.make_vec("llamba/KeyToDoor-v0", num_envs=64, horizon=3)
+    obs, _ = v.reset(seed=1)
+    keys = v.twin.key.copy()
+    assert obs.shape == (64,) and (obs != keys).all() and (v.twin.key != v.twin.door).all()
+    for _ in range(3):
+        *_, trunc, _ = v.step(np.zeros(64, dtype=np.int64))
+    assert trunc.all()
+    v.step(np.zeros(64, dtype=np.int64))  # every env restarts, with a new task
+    assert not np.array_equal(v.twin.key, keys) and (v.twin.t == 0).all()
 
 
 def test_seeded_reset_is_deterministic():
@@ -177,3 +250,21 @@ def test_bad_env_options():
         KeyToDoor(key=3, door=3)
     with pytest.raises(ValueError):
         DarkRoom(goal=(9, 0))
+
+
+def test_a_new_family_is_one_registration():
+    from dataclasses import replace
+
+    from llamba.envs.tasks import FAMILIES, register_family
+
+    register_family(replace(FAMILIES["darkroom"], name="darkroom5", gym_id="llamba/DarkRoom5-v0",
+                            defaults={"size": 5, "horizon": 8}))
+    try:
+        spec = EnvSpec("darkroom5")
+        assert (spec.size, spec.horizon, spec.num_states) == (5, 8, 25)
+        assert spec.optimal_return(np.array([0])).tolist() == [5.0]  # d = 4 from the centre: 8 - 4 + 1
+        assert spec.make(3).reset(seed=0)[0] == 12 and spec.batched([3, 4]).reset().tolist() == [12, 12]
+    finally:
+        del FAMILIES["darkroom5"]
+    with pytest.raises(ValueError, match="unknown env 'darkroom5'"):
+        EnvSpec("darkroom5")
