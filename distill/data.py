@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llamba.distill.teacher import cache_root
+from llamba.errors import LlambaError
 
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 0  # the held-out split does not depend on the run seed: every run evaluates on the same text
@@ -54,7 +55,7 @@ SEED_PROMPTS = [
 ]
 
 
-class DataError(ValueError):
+class DataError(LlambaError, ValueError):
     """Bad `--data`: the one-line message names the file and the field."""
 
 

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from llamba.embedded import EmbeddedTeacherMissing, embedded_gguf
+from llamba.errors import LlambaError
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -23,7 +24,7 @@ Q_GROUP_SIZES = (32, 64, 128)
 MODEL_FILE = "mlx_llamba.py"
 
 
-class ExportError(ValueError):
+class ExportError(LlambaError, ValueError):
     """Bad input to the exporter or loader; the message is one line naming the fix."""
 
 
