@@ -15,6 +15,7 @@ from pathlib import Path
 from llamba.export.convert import ExportError, load_tokenizer
 from llamba.generate import SamplingParams, chat_stop_ids, incremental_ids
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 MLX_INSTALL = "pip install 'mlx-lm[cpu]' (Linux) or pip install mlx-lm (macOS), or pip install -e '.[mlx]'"
 
 
@@ -34,6 +35,10 @@ class MlxEngine:
         require_mlx()
         from llamba.export import mlx_generate
 
+        path = Path(path)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ExportError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): an interrupted export? "
+                              "Delete it and re-run `llamba export mlx`")
         self._gen = mlx_generate
         self.model, self.tokenizer = mlx_generate.load(path)
 
@@ -85,14 +90,20 @@ class TorchEngine:
 def open_engine(path: str | Path, backend: str = "auto"):
     """backend 'auto' picks MLX for an exported directory (config.json names a model_file), else PyTorch."""
     path = Path(path)
+    if not path.exists():
+        raise ExportError(f"--model {path} does not exist; point it at an exported MLX directory or a Llamba "
+                          "checkpoint")
+    if not path.is_dir():
+        raise ExportError(f"--model {path} is a file; point it at the directory holding config.json")
     if not (path / "config.json").is_file():
         raise ExportError(f"{path} has no config.json; point --model at an exported MLX directory or a "
                           "Llamba checkpoint")
     if backend == "auto":
         try:
-            exported = "model_file" in json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{path / 'config.json'} is not valid JSON ({e.msg})") from None
+            raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExportError(f"{path / 'config.json'} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
+        exported = isinstance(raw, dict) and "model_file" in raw
         backend = "mlx" if exported else "torch"
     return MlxEngine(path) if backend == "mlx" else TorchEngine(path)
 
