@@ -96,8 +96,10 @@ def open_engine(path: str | Path, backend: str = "auto"):
     if not path.is_dir():
         raise ExportError(f"--model {path} is a file; point it at the directory holding config.json")
     if not (path / "config.json").is_file():
+        stages = sorted(path.glob("stage[123]/config.json"))
+        hint = f" (a distillation run? try --model {stages[-1].parent})" if stages else ""
         raise ExportError(f"{path} has no config.json; point --model at an exported MLX directory or a "
-                          "Llamba checkpoint")
+                          f"Llamba checkpoint{hint}")
     if backend == "auto":
         try:
             raw = json.loads((path / "config.json").read_text(encoding="utf-8"))

@@ -45,7 +45,7 @@ def save_traceback(e: BaseException) -> Path:
     """Write the full traceback of `e` to a new file (atomically) and return its path; falls back to the system
     temporary directory when the cache is not writable."""
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
     for folder in (traceback_dir(), Path(tempfile.gettempdir()) / "llamba-tracebacks"):
         try:
             folder.mkdir(parents=True, exist_ok=True)
