@@ -148,6 +148,12 @@ def fx(tmp_path_factory):
     return f
 
 
+@pytest.fixture(autouse=True)
+def _tracebacks_in_tmp(monkeypatch, tmp_path):
+    """Unexpected errors save their traceback here, not in the user's cache."""
+    monkeypatch.setenv("LLAMBA_TRACEBACKS", str(tmp_path / "tracebacks"))
+
+
 def invoke(args: list[str]):
     return CliRunner().invoke(main, [str(a) for a in args])
 
