@@ -238,10 +238,17 @@ def teacher_samples(
     return docs
 
 
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md", ".csv", ".tsv", ".bin", ".safetensors", ".gguf",
+                 ".pt", ".npz", ".arrow", ".gz", ".zst", ".xz", ".bz2", ".zip", ".tar")
+
+
 def is_hub_name(spec: str) -> bool:
-    """`--data` that names no local path and reads as a Hugging Face dataset ('name' or 'org/name')."""
-    return not Path(spec).exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 and \
-        Path(spec).suffix not in (".txt", ".jsonl", ".json", ".parquet", ".md")
+    """`--data` that names no local path and reads as a Hugging Face dataset ('name' or 'org/name'). A name with a
+    file suffix, or one under a directory that exists here ('data/corpus' with data/ present), is a mistyped path:
+    it fails at once instead of after network retries."""
+    path = Path(spec)
+    return not path.exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 and \
+        path.suffix.lower() not in FILE_SUFFIXES and not (spec.count("/") == 1 and path.parent.is_dir())
 
 
 def load_documents(

@@ -198,6 +198,7 @@ DISTILL_CASES = [  # (id, teacher key or path, data key or path, extra args, tex
     case("teacher-invalid-config-json", "bad_json", "corpus", [], "config.json"),
     case("teacher-garbage-gguf", "garbage_gguf", "corpus", [], "teacher.gguf"),
     case("data-missing", "teacher", "missing.jsonl", [], "missing.jsonl"),
+    case("data-missing-bin", "teacher", "typo.bin", [], "typo.bin"),
     case("data-empty-file", "teacher", "empty.txt", [], "empty.txt"),
     case("data-empty-dir", "teacher", "empty_dir", [], "empty_dir"),
     case("data-binary-bin", "teacher", "weights.bin", [], "binary"),

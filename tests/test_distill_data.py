@@ -127,3 +127,15 @@ def test_parquet_int_column_and_null_rows_are_refused(tmp_path):
     pq.write_table(pa.table({"text": ["pa pe", None]}), tmp_path / "nulls.parquet")
     with pytest.raises(DataError, match="nulls.parquet row 1: field 'text' is null"):
         load_documents(str(tmp_path / "nulls.parquet"))
+
+
+def test_mistyped_relative_paths_are_not_hub_names(tmp_path, monkeypatch):
+    from llamba.distill.data import is_hub_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert is_hub_name("wikitext") and is_hub_name("allenai/c4")
+    assert not is_hub_name("data/corpus")  # data/ exists here: a typo of a local path
+    assert not is_hub_name("corpus.bin") and not is_hub_name("org/corpus.safetensors")
+    with pytest.raises(DataError, match="--data data/corpus: no such file or directory"):
+        load_documents("data/corpus")
