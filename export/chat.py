@@ -28,6 +28,24 @@ def require_mlx() -> None:
         raise ExportError(f"MLX is not installed ({e.name or e}); install it with: {MLX_INSTALL}") from None
 
 
+def check_export_config(file: Path) -> None:
+    """Range-check the Llamba fields of an exported config.json (as `llamba.checkpoints.read_config` does for
+    checkpoints): a corrupt value must not reach the MLX allocator."""
+    from llamba.config import BOOL_FIELDS, INT_RANGES, ConfigError, LlambaConfig
+
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # the loader names the problem
+    if not isinstance(raw, dict):
+        raise ExportError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields")
+    names = (*INT_RANGES, *BOOL_FIELDS, "norm_eps", "activation", "hidden_act")
+    try:
+        LlambaConfig(**{k: raw[k] for k in names if k in raw})
+    except ConfigError as e:
+        raise ExportError(f"{file}: {e}") from None
+
+
 class MlxEngine:
     name = "mlx"
 
@@ -36,6 +54,7 @@ class MlxEngine:
         from llamba.export import mlx_generate
 
         path = Path(path)
+        check_export_config(path / "config.json")
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise ExportError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): an interrupted export? "
                               "Delete it and re-run `llamba export mlx`")

@@ -116,6 +116,9 @@ def prepare_out(out: Path) -> Path | None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; choose a new directory")
     if out.is_dir():
+        if (out / "config.json").is_file() and not (out / "tokenizer_config.json").is_file():
+            raise ExportError(f"--out {out} holds an unfinished export (no tokenizer: interrupted?); delete it and "
+                              "re-run")
         if any(out.iterdir()):
             raise ExportError(f"--out {out} exists and is not empty; choose a new --out (or delete it)")
         return None

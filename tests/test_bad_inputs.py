@@ -130,6 +130,10 @@ def fx(tmp_path_factory):
         p.unlink()
     (root / "mlx_interrupted" / "chat_template.jinja").unlink(missing_ok=True)
     f["mlx_interrupted"] = root / "mlx_interrupted"
+    shutil.copytree(f["mlx"], root / "mlx_huge_chunk")
+    mlx_raw = json.loads((f["mlx"] / "config.json").read_text())
+    (root / "mlx_huge_chunk" / "config.json").write_text(json.dumps(mlx_raw | {"chunk_size": 10**9}))
+    f["mlx_huge_chunk"] = root / "mlx_huge_chunk"
 
     # icrl configs
     tiny = json.loads((Path(__file__).parents[1] / "icrl" / "configs" / "tiny.json").read_text())
@@ -138,7 +142,8 @@ def fx(tmp_path_factory):
         "typo_search": tiny | {"grid": tiny["grid"] | {"search": {"train.lrr": ["log", 1e-3, 1e-2]}}},
         "horizon0": tiny | {"env": {"horizon": 0}},
         "low_high": tiny | {"grid": tiny["grid"] | {"search": {"train.lr": ["log", 1e-2, 1e-3]}}},
-        "size_neg": tiny | {"env": {"size": -3}},
+        "size_neg": tiny | {"env": {"size": -3}, "train": tiny["train"] | {"steps": 2},  # runs today: keep it short
+                            "grid": tiny["grid"] | {"draws": 1, "budgets": [{"n_train_tasks": 2}]}},
         "unknown_section": tiny | {"trian": {}},
     }
     for name, cfg in icrl_cases.items():
@@ -396,7 +401,7 @@ EXPORT_CASES = [  # (id, model key or path, out (relative to the fixture root, o
     case("out-under-a-file", "ckpt", "corpus.jsonl/sub", [], "is a file"),
     case("out-under-proc", "ckpt", "/proc/llamba-export", [], "cannot be created"),
     case("out-the-finished-run", "ckpt", "run", [], "not empty"),
-    case("out-an-interrupted-export", "ckpt", "mlx_interrupted", [], "not empty"),
+    case("out-an-interrupted-export", "ckpt", "mlx_interrupted", [], "unfinished export"),
     case("model-missing", "nowhere", "new1", [], "does not exist"),
     case("model-a-run-dir", "run", "new2", [], "stage3"),
     case("model-an-mlx-export", "mlx", "new3", [], "MLX export"),
@@ -436,6 +441,7 @@ ENGINE_CASES = [  # (id, model key or path, extra args, needle)
     case("model-truncated-weights", "trunc_ckpt", [], "model.safetensors"),
     case("model-config-json-list", "json_list", [], "config.json"),
     case("interrupted-export", "mlx_interrupted", [], "tokenizer"),
+    case("export-chunk-size-1e9", "mlx_huge_chunk", [], "chunk_size"),
     case("backend-mlx-on-a-torch-checkpoint", "ckpt", ["--backend", "mlx"], "MLX"),
     case("backend-bogus", "ckpt", ["--backend", "jax"], "--backend"),
     case("top-p-zero", "ckpt", ["--top-p", "0"], "--top-p"),
@@ -523,16 +529,15 @@ def test_an_os_error_names_the_path():
 def _python_m_llamba(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "llamba", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=300, env=env)
 
 
 @pytest.mark.parametrize("args, needle", [
     (["eval", "--model", "{root}/nowhere"], "does not exist"),
-    (["export", "mlx", "--model", "{ckpt}", "--out", "{root}/corpus.jsonl"], "is a file"),
     (["generate", "--model", "{huge_chunk}", "--prompt", "hi"], "chunk_size"),
 ])
 def test_python_m_llamba_prints_one_line(fx, unchanged_run, args, needle):
-    proc = _python_m_llamba(*[a.format(root=fx["root"], ckpt=fx["ckpt"], huge_chunk=fx["huge_chunk"])
+    proc = _python_m_llamba(*[a.format(root=fx["root"], huge_chunk=fx["huge_chunk"])
                               for a in args])
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
