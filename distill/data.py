@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llamba.distill.teacher import cache_root
+from llamba.errors import LlambaError, one_line
 
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 0  # the held-out split does not depend on the run seed: every run evaluates on the same text
@@ -54,7 +55,7 @@ SEED_PROMPTS = [
 ]
 
 
-class DataError(ValueError):
+class DataError(LlambaError, ValueError):
     """Bad `--data`: the one-line message names the file and the field."""
 
 
@@ -88,13 +89,41 @@ def jsonl_text(line: str | bytes, where: str, field: str) -> str | None:
         raise DataError(f"{where}: not valid JSON") from None
     if not isinstance(row, dict) or field not in row:
         raise DataError(f"{where}: no field {field!r} (set --text-field)")
-    return str(row[field])
+    return text_value(row[field], where, field)
+
+
+def text_value(value, where: str, field: str) -> str:
+    """A document's text field must be a string: null or a number would train on 'None' or on digits."""
+    if isinstance(value, str):
+        return value
+    kind = "null" if value is None else type(value).__name__
+    raise DataError(f"{where}: field {field!r} is {kind}, not text; clean the row or set --text-field to the "
+                    "text column")
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        texts = (jsonl_text(line, f"{path}:{n}", field) for n, line in enumerate(f, 1))
-        return [t for t in texts if t is not None]
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = [jsonl_text(line, f"{path}:{n}", field) for n, line in enumerate(f, 1)]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{n + 1}: not UTF-8 text; is it a JSONL file? (convert it to UTF-8)") from None
+    return [t for t in texts if t is not None]
+
+
+def read_text_file(path: Path) -> str:
+    """A plain-text file as a string; DataError for a binary file (NUL bytes: weights, archives, images, whatever
+    its suffix) or for text that is not UTF-8."""
+    raw = path.read_bytes()
+    nul = raw.find(b"\x00", 0, 1 << 16)
+    if nul >= 0:
+        raise DataError(f"{path} is a binary file (NUL byte at offset {nul}), not text; --data takes plain text, "
+                        "JSONL or Parquet")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
+                        "e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def parquet_file(path: Path, field: str):
@@ -103,15 +132,30 @@ def parquet_file(path: Path, field: str):
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install 'llamba[data]'`)") from None
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path} is not a readable Parquet file ({one_line(e)})") from None
     if field not in pf.schema_arrow.names:
         raise DataError(f"{path}: no column {field!r} among {pf.schema_arrow.names} (set --text-field)")
+    kind = pf.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise DataError(f"{path}: column {field!r} has type {kind}, not string; set --text-field to the text column")
     return pf
 
 
+def parquet_texts(column: list, path: Path, field: str, first_row: int = 0):
+    """(row, text) of a Parquet string column's values, refusing nulls by row number."""
+    for row, x in enumerate(column, first_row):
+        yield row, text_value(x, f"{path} row {row}", field)
+
+
 def _read_parquet(path: Path, field: str) -> list[str]:
-    column = parquet_file(path, field).read(columns=[field]).column(0)
-    return [str(x) for x in column.to_pylist() if x]
+    column = parquet_file(path, field).read(columns=[field]).column(0).to_pylist()
+    return [x for _, x in parquet_texts(column, path, field) if x]
 
 
 def hf_streaming_dataset(name: str):
@@ -127,16 +171,17 @@ def hf_streaming_dataset(name: str):
     return datasets.load_dataset(name, split="train", streaming=True)
 
 
-def hf_text(row: dict, name: str, field: str) -> str:
+def hf_text(row: dict, name: str, field: str, index: int | None = None) -> str:
+    where = f"dataset {name}" + ("" if index is None else f" row {index}")
     if field not in row:
-        raise DataError(f"dataset {name}: no field {field!r} (set --text-field)")
-    return str(row[field] or "")
+        raise DataError(f"{where}: no field {field!r} (set --text-field)")
+    return text_value(row[field], where, field)
 
 
 def _read_hf(name: str, field: str, max_docs: int) -> list[str]:
     docs = []
-    for row in hf_streaming_dataset(name):
-        docs.append(hf_text(row, name, field))
+    for index, row in enumerate(hf_streaming_dataset(name)):
+        docs.append(hf_text(row, name, field, index))
         if len(docs) >= max_docs:
             break
     return docs
@@ -193,10 +238,17 @@ def teacher_samples(
     return docs
 
 
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md", ".csv", ".tsv", ".bin", ".safetensors", ".gguf",
+                 ".pt", ".npz", ".arrow", ".gz", ".zst", ".xz", ".bz2", ".zip", ".tar")
+
+
 def is_hub_name(spec: str) -> bool:
-    """`--data` that names no local path and reads as a Hugging Face dataset ('name' or 'org/name')."""
-    return not Path(spec).exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 and \
-        Path(spec).suffix not in (".txt", ".jsonl", ".json", ".parquet", ".md")
+    """`--data` that names no local path and reads as a Hugging Face dataset ('name' or 'org/name'). A name with a
+    file suffix, or one under a directory that exists here ('data/corpus' with data/ present), is a mistyped path:
+    it fails at once instead of after network retries."""
+    path = Path(spec)
+    return not path.exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 and \
+        path.suffix.lower() not in FILE_SUFFIXES and not (spec.count("/") == 1 and path.parent.is_dir())
 
 
 def load_documents(
@@ -215,24 +267,42 @@ def load_documents(
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
         if not files:
             raise DataError(f"{path}: directory holds no .txt or .md files")
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        docs = [read_text_file(p) for p in files]
     elif path.is_file():
         if path.suffix in (".jsonl", ".json"):
             docs = _read_jsonl(path, text_field)
         elif path.suffix == ".parquet":
             docs = _read_parquet(path, text_field)
         else:
-            docs = [
-                d for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n\n") if d.strip()
-            ]
+            docs = [d for d in read_text_file(path).split("\n\n\n") if d.strip()]
     elif is_hub_name(spec):
         docs = _read_hf(spec, text_field, max_docs)
+    elif Path(spec).suffix or spec.startswith(("/", ".", "~")):
+        raise DataError(f"--data {spec}: file not found")
     else:
-        raise DataError(f"{spec}: file not found")
+        raise DataError(f"--data {spec}: no such file or directory")
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise DataError(f"{spec}: no text found")
+        raise DataError(f"--data {spec}: no text found (the file or directory is empty)")
+    if len(docs) == 1:
+        docs = split_single_document(docs[0], spec)
     return docs[:max_docs]
+
+
+def split_single_document(doc: str, spec: str) -> list[str]:
+    """A corpus of one document (one JSONL row, or a .txt whose documents are separated by one blank line rather
+    than two) has no document to hold out: cut it at blank lines, else at line breaks, else into ten runs of
+    words, so the held-out split is about a tenth of the text."""
+    for sep in ("\n\n", "\n"):
+        parts = [p.strip() for p in doc.split(sep) if p.strip()]
+        if len(parts) >= 2:
+            return parts
+    words = doc.split()
+    if len(words) < 2:
+        raise DataError(f"--data {spec}: a single document of {len(words)} word is too short to hold out a "
+                        "held-out split; give more text")
+    k = min(10, len(words))
+    return [" ".join(words[i * len(words) // k : (i + 1) * len(words) // k]) for i in range(k)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from llamba.distill.data import (
     jsonl_text,
     load_documents,
     parquet_file,
+    parquet_texts,
 )
 
 HELDOUT_SCAN = 640  # the held-out split is 10% of the first HELDOUT_SCAN documents
@@ -140,9 +141,9 @@ class ParquetSource(_RangedSource):
             if first >= hi:
                 break
             column = parquet_file(self.files[i], self.field).read_row_group(g, columns=[self.field]).column(0)
-            for row, x in enumerate(column.to_pylist(), first):
-                if lo <= row < hi and x and str(x).strip():
-                    yield row, str(x)
+            for row, x in parquet_texts(column.to_pylist(), self.files[i], self.field, first):
+                if lo <= row < hi and x.strip():
+                    yield row, x
 
 
 class HFSource:
@@ -159,8 +160,8 @@ class HFSource:
 
     def _rows(self, start: int) -> Iterator[str]:
         ds = self._ds.skip(start) if start else self._ds
-        for row in ds:
-            yield hf_text(row, self.name, self.field)
+        for index, row in enumerate(ds, start):
+            yield hf_text(row, self.name, self.field, index)
 
     def docs(self, shard: int, n_shards: int, addr: int | None = None) -> Iterator[tuple[int, str]]:
         start = self.train_start + shard if addr is None else addr

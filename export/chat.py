@@ -15,6 +15,7 @@ from pathlib import Path
 from llamba.export.convert import ExportError, load_tokenizer
 from llamba.generate import SamplingParams, chat_stop_ids, incremental_ids
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 MLX_INSTALL = "pip install 'mlx-lm[cpu]' (Linux) or pip install mlx-lm (macOS), or pip install -e '.[mlx]'"
 
 
@@ -27,6 +28,24 @@ def require_mlx() -> None:
         raise ExportError(f"MLX is not installed ({e.name or e}); install it with: {MLX_INSTALL}") from None
 
 
+def check_export_config(file: Path) -> None:
+    """Range-check the Llamba fields of an exported config.json (as `llamba.checkpoints.read_config` does for
+    checkpoints): a corrupt value must not reach the MLX allocator."""
+    from llamba.config import BOOL_FIELDS, INT_RANGES, ConfigError, LlambaConfig
+
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # the loader names the problem
+    if not isinstance(raw, dict):
+        raise ExportError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields")
+    names = (*INT_RANGES, *BOOL_FIELDS, "norm_eps", "activation", "hidden_act")
+    try:
+        LlambaConfig(**{k: raw[k] for k in names if k in raw})
+    except ConfigError as e:
+        raise ExportError(f"{file}: {e}") from None
+
+
 class MlxEngine:
     name = "mlx"
 
@@ -34,6 +53,11 @@ class MlxEngine:
         require_mlx()
         from llamba.export import mlx_generate
 
+        path = Path(path)
+        check_export_config(path / "config.json")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ExportError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): an interrupted export? "
+                              "Delete it and re-run `llamba export mlx`")
         self._gen = mlx_generate
         self.model, self.tokenizer = mlx_generate.load(path)
 
@@ -85,14 +109,22 @@ class TorchEngine:
 def open_engine(path: str | Path, backend: str = "auto"):
     """backend 'auto' picks MLX for an exported directory (config.json names a model_file), else PyTorch."""
     path = Path(path)
+    if not path.exists():
+        raise ExportError(f"--model {path} does not exist; point it at an exported MLX directory or a Llamba "
+                          "checkpoint")
+    if not path.is_dir():
+        raise ExportError(f"--model {path} is a file; point it at the directory holding config.json")
     if not (path / "config.json").is_file():
+        stages = sorted(path.glob("stage[123]/config.json"))
+        hint = f" (a distillation run? try --model {stages[-1].parent})" if stages else ""
         raise ExportError(f"{path} has no config.json; point --model at an exported MLX directory or a "
-                          "Llamba checkpoint")
+                          f"Llamba checkpoint{hint}")
     if backend == "auto":
         try:
-            exported = "model_file" in json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{path / 'config.json'} is not valid JSON ({e.msg})") from None
+            raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExportError(f"{path / 'config.json'} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
+        exported = isinstance(raw, dict) and "model_file" in raw
         backend = "mlx" if exported else "torch"
     return MlxEngine(path) if backend == "mlx" else TorchEngine(path)
 

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from llamba.embedded import EmbeddedTeacherMissing, embedded_gguf
+from llamba.errors import LlambaError
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -23,7 +24,7 @@ Q_GROUP_SIZES = (32, 64, 128)
 MODEL_FILE = "mlx_llamba.py"
 
 
-class ExportError(ValueError):
+class ExportError(LlambaError, ValueError):
     """Bad input to the exporter or loader; the message is one line naming the fix."""
 
 
@@ -65,14 +66,9 @@ def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = No
             dtype: str = "float16", tokenizer: str | Path | None = None) -> Path:
     """Export a Llamba checkpoint directory to an MLX model directory and return its path.
 
-    q_bits: None (no quantization), 4 or 8 (affine, `mlx.nn.quantize`, group size q_group_size);
-    norms, conv, D, z_bias and the decay projection stay in `dtype`."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    from llamba.checkpoints import CheckpointError, load_model
-    from llamba.export import mlx_llamba
+    q_bits: None (no quantization), 4 or 8 (affine, `mlx.nn.quantize`, group size q_group_size, which must divide
+    every quantized layer's input width); norms, conv, D, z_bias and the decay projection stay in `dtype`."""
+    from llamba.checkpoints import CheckpointError, read_config
 
     model_path, out = Path(model_path), Path(out_dir)
     if dtype not in DTYPES:
@@ -81,8 +77,73 @@ def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = No
         raise ExportError(f"--q-bits must be 4 or 8, got {q_bits}")
     if q_group_size not in Q_GROUP_SIZES:
         raise ExportError(f"--q-group-size must be one of 32, 64, 128, got {q_group_size}")
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty; choose a new --out")
+    try:
+        config, _ = read_config(model_path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if q_bits is not None:
+        check_group_size(config, q_group_size)
+    created = prepare_out(out)
+    try:
+        return _convert(model_path, out, q_bits, q_group_size, dtype, tokenizer)
+    except BaseException:
+        if created is not None:  # leave no half-made --out behind: a re-run must not find it "not empty"
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def quantized_widths(config) -> dict[str, int]:
+    """Input width of each kind of layer that quantization touches (all but norms, conv, D, z_bias, a_proj)."""
+    return {"embedding, in_proj, gate_proj, up_proj, lm_head": config.d_model, "out_proj": config.d_inner,
+            "down_proj": config.intermediate_size}
+
+
+def check_group_size(config, group_size: int) -> None:
+    """Every quantized layer is quantized in groups along its input width, so the group size must divide each
+    width; otherwise only some layers would be quantized while config.json claims all are."""
+    bad = {name: w for name, w in quantized_widths(config).items() if w % group_size}
+    if bad:
+        ok = [str(g) for g in Q_GROUP_SIZES if all(w % g == 0 for w in quantized_widths(config).values())]
+        names = "; ".join(f"{name}: {w}" for name, w in bad.items())
+        fix = f"use --q-group-size {' or '.join(ok)}" if ok else "export without --q-bits"
+        raise ExportError(f"--q-group-size {group_size} does not divide the input width of every quantized layer "
+                          f"({names}); {fix}")
+
+
+def prepare_out(out: Path) -> Path | None:
+    """Check that --out can be a new directory and create it; returns the topmost directory created (None if
+    --out existed, empty), so a failed export can remove what it made."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; choose a new directory")
+    if out.is_dir():
+        if (out / "config.json").is_file() and not (out / "tokenizer_config.json").is_file():
+            raise ExportError(f"--out {out} holds an unfinished export (no tokenizer: interrupted?); delete it and "
+                              "re-run")
+        if any(out.iterdir()):
+            raise ExportError(f"--out {out} exists and is not empty; choose a new --out (or delete it)")
+        return None
+    top = out
+    while not top.parent.exists():
+        top = top.parent
+    if not top.parent.is_dir():
+        raise ExportError(f"--out {out}: {top.parent} is a file, not a directory; choose another --out")
+    try:
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise ExportError(f"--out {out} cannot be created ({(e.strerror or type(e).__name__).lower()}); "
+                          "choose a writable directory") from None
+    return top
+
+
+def _convert(model_path: Path, out: Path, q_bits: int | None, q_group_size: int, dtype: str,
+             tokenizer: str | Path | None) -> Path:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from llamba.checkpoints import CheckpointError, load_model
+    from llamba.export import mlx_llamba
+
     try:
         torch_model = load_model(model_path, dtype="float32", kernels="torch")
     except CheckpointError as e:
@@ -108,7 +169,6 @@ def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = No
         quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         mlx_config |= {"quantization": quant, "quantization_config": quant}
 
-    out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(mlx_config, indent=2) + "\n")

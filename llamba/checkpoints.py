@@ -7,6 +7,7 @@ config.json (flat LlambaConfig fields vs cartesia's nested `mlp_cfg` / `ssm_cfg`
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -17,16 +18,19 @@ from pathlib import Path
 import torch
 
 from llamba.config import ConfigError, LlambaConfig
+from llamba.errors import LlambaError, one_line
 from llamba.model import LlambaForCausalLM, register_auto_classes  # noqa: F401  (re-exported)
 
 REQUIRED_FIELDS = ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads", "n_qk_heads")
+CARTESIA_SSM_KEYS = {"d_state", "n_v_heads", "n_qk_heads", "expand", "chunk_size", "activation", "bias",
+                     "d_conv", "conv_bias"}
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LlambaError, ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the field."""
 
 
@@ -43,15 +47,31 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def read_config(path: str | Path) -> tuple[LlambaConfig, str]:
     """config.json of either layout -> (LlambaConfig, 'llamba' | 'cartesia')."""
     file = Path(path) / "config.json"
+    if not Path(path).exists():
+        raise CheckpointError(f"{path} does not exist (no config.json); point --model at a Llamba checkpoint directory")
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory; point --model at the directory holding "
+                              "config.json and the weights")
     if not file.is_file():
-        raise CheckpointError(f"{path} has no config.json; point --model at a Llamba checkpoint directory")
+        stages = sorted(Path(path).glob("stage[123]/config.json"))
+        hint = f" (a distillation run? try --model {stages[-1].parent})" if stages else ""
+        raise CheckpointError(f"{path} has no config.json; point --model at a Llamba checkpoint directory{hint}")
     try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise CheckpointError(f"{file} is not valid JSON ({where}); re-save or re-download the checkpoint") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields")
     try:
         if "ssm_cfg" in raw:
+            if not isinstance(raw["ssm_cfg"], dict) or not isinstance(raw.get("mlp_cfg", {}), dict):
+                raise CheckpointError(f"{file}: `ssm_cfg` and `mlp_cfg` must be JSON objects")
+            _refuse_misspelled(file, raw["ssm_cfg"], CARTESIA_SSM_KEYS, "ssm_cfg.")
             return LlambaConfig.from_cartesia_dict(raw), "cartesia"
+        if "model_file" in raw:
+            raise CheckpointError(f"{file} is an MLX export; pass the PyTorch checkpoint it was exported from "
+                                  "(or use it with `llamba chat` / `llamba generate`)")
         if raw.get("model_type") != "llamba":
             raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, not 'llamba'; "
                                   "distill a Llama teacher first (llamba distill) or pass a Llamba checkpoint")
@@ -61,13 +81,29 @@ def read_config(path: str | Path) -> tuple[LlambaConfig, str]:
         dtype = raw.get("dtype") or "float32"
         if dtype not in SAVED_DTYPES:
             raise CheckpointError(f"{file}: field `dtype` is {dtype!r}; supported: {', '.join(SAVED_DTYPES)}")
+        _refuse_misspelled(file, raw, set(LlambaConfig().to_dict()) | set(REQUIRED_FIELDS))
         cfg = LlambaConfig.from_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong JSON type that transformers rejects
+        raise CheckpointError(f"{file}: {one_line(e)}") from None
     unknown = sorted(set(raw) - cfg.known_keys() - set(LlambaConfig().to_dict()))
     if unknown:
         warnings.warn(f"{file}: ignoring unknown config keys {unknown}", stacklevel=3)
     return cfg, "llamba"
+
+
+def _refuse_misspelled(file: Path, raw: dict, valid: set[str], prefix: str = "") -> None:
+    """An unknown key that is one typo away from a Llamba field (`chunk_sise`) would silently fall back to the
+    default: refuse it, listing the valid keys. Other unknown keys (Hugging Face extras) are tolerated."""
+    known = set(valid) | set(dir(LlambaConfig))
+    for key in raw:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.85)
+        if close:
+            raise CheckpointError(f"{file}: unknown config key {prefix}{key!r} (did you mean {prefix}{close[0]!r}?); "
+                                  f"valid keys: {', '.join(sorted(valid))}")
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:

@@ -9,6 +9,8 @@ import importlib
 
 import click
 
+from llamba.errors import error_boundary
+
 # name -> "module:attribute" of a click command or group.
 SUBCOMMANDS: dict[str, str] = {
     "distill": "llamba.distill.cli:distill",
@@ -48,6 +50,10 @@ class LazyGroup(click.Group):
             raise click.ClickException(f"`llamba {name}` needs a package that is missing ({e}). "
                                        "Install the project with `make setup` or `pip install -e '.[teacher,mlx]'`.") from e
         return getattr(module, attr)
+
+    def invoke(self, ctx: click.Context):
+        with error_boundary():  # every sub-command: one line per error, never a traceback
+            return super().invoke(ctx)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

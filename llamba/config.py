@@ -11,9 +11,29 @@ import dataclasses
 
 from transformers import PreTrainedConfig
 
+from llamba.errors import LlambaError
 
-class ConfigError(ValueError):
+
+class ConfigError(LlambaError, ValueError):
     """A config that cannot describe a Llamba model; the message names the field and the fix."""
+
+
+# Accepted range of each integer field. The upper bounds are far above any Llama (Llama-3-405B: d 16384,
+# 126 layers, MLP 53248) yet stop a corrupt config.json from asking for terabytes (chunk_size 1e9 would
+# allocate a 10^9 x 10^9 mask per head).
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24),
+    "d_model": (1, 1 << 16),
+    "n_layer": (1, 1024),
+    "intermediate_size": (1, 1 << 18),
+    "d_state": (1, 4096),
+    "n_v_heads": (1, 4096),
+    "n_qk_heads": (1, 4096),
+    "expand": (1, 16),
+    "d_conv": (1, 64),
+    "chunk_size": (1, 4096),
+}
+BOOL_FIELDS = ("tie_embeddings", "mlp_bias", "bias", "conv_bias")
 
 
 class LlambaConfig(PreTrainedConfig):
@@ -77,12 +97,20 @@ class LlambaConfig(PreTrainedConfig):
         return self.d_model
 
     def check(self) -> None:
-        """Raise ConfigError naming the first inconsistent field."""
-        for name in ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads",
-                     "n_qk_heads", "expand", "d_conv", "chunk_size"):
+        """Raise ConfigError naming the first inconsistent or out-of-range field."""
+        for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field `{name}` must be a positive integer, got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"config field `{name}` is {value}, outside the supported range {low}..{high}; "
+                                  "the config is corrupt or not a Llamba config")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field `{name}` must be true or false, got {getattr(self, name)!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f"config field `norm_eps` must be a number in (0, 1), got {eps!r}")
         if self.d_inner % self.n_v_heads:
             raise ConfigError(f"d_inner = expand*d_model = {self.d_inner} is not divisible by n_v_heads = "
                               f"{self.n_v_heads}; pick n_v_heads dividing it")

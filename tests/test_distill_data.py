@@ -58,7 +58,8 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
     assert load_documents(str(tmp_path / "a.parquet")) == docs
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "x.txt").write_text(docs[0])
-    assert load_documents(str(tmp_path / "dir")) == [docs[0]]
+    (tmp_path / "dir" / "y.md").write_text(docs[1])
+    assert load_documents(str(tmp_path / "dir")) == [docs[0], docs[1]]
     with pytest.raises(DataError, match="a.jsonl:1: no field 'text'"):
         load_documents(str(tmp_path / "a.jsonl"))
     with pytest.raises(DataError, match="not found"):
@@ -79,3 +80,62 @@ def test_teacher_samples_are_generated_once_and_cached(tmp_path, monkeypatch):
     assert len(cached) == 1
     monkeypatch.setattr("llamba.distill.data.SEED_PROMPTS", [])  # a second call must not sample again
     assert load_documents("teacher:3", teacher=teacher, tokenizer=tok) == docs
+
+
+def test_a_single_document_is_cut_so_a_heldout_split_exists(tmp_path):
+    docs = tiny_corpus(n_docs=5, words_per_doc=20)
+    one_blank = tmp_path / "one_blank_line.txt"  # documents separated by one blank line read as one document
+    one_blank.write_text("\n\n".join(docs))
+    assert load_documents(str(one_blank)) == docs
+    single = tmp_path / "one.jsonl"
+    single.write_text(json.dumps({"text": docs[0]}) + "\n")
+    pieces = load_documents(str(single))
+    assert len(pieces) == 10 and " ".join(pieces) == docs[0]
+    data = build_token_data(pieces, tiny_tokenizer(), seq_len=8)
+    assert data.heldout.numel() > 0
+    (tmp_path / "word.txt").write_text("pa")
+    with pytest.raises(DataError, match="too short to hold out"):
+        load_documents(str(tmp_path / "word.txt"))
+
+
+@pytest.mark.parametrize("value, kind", [(None, "null"), (42, "int"), (["a"], "list")])
+def test_a_text_field_that_is_not_a_string_is_refused_by_row(tmp_path, value, kind):
+    f = tmp_path / "rows.jsonl"
+    f.write_text(json.dumps({"text": "pa pe"}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(DataError, match=f"rows.jsonl:2: field 'text' is {kind}, not text"):
+        load_documents(str(f))
+
+
+def test_binary_and_non_utf8_files_are_refused(tmp_path):
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="binary file .NUL byte at offset"):
+        load_documents(str(weights))
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 ol\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8 text .byte 0xe9 at offset 3"):
+        load_documents(str(latin))
+
+
+def test_parquet_int_column_and_null_rows_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match="column 'text' has type int64, not string"):
+        load_documents(str(tmp_path / "ints.parquet"))
+    pq.write_table(pa.table({"text": ["pa pe", None]}), tmp_path / "nulls.parquet")
+    with pytest.raises(DataError, match="nulls.parquet row 1: field 'text' is null"):
+        load_documents(str(tmp_path / "nulls.parquet"))
+
+
+def test_mistyped_relative_paths_are_not_hub_names(tmp_path, monkeypatch):
+    from llamba.distill.data import is_hub_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert is_hub_name("wikitext") and is_hub_name("allenai/c4")
+    assert not is_hub_name("data/corpus")  # data/ exists here: a typo of a local path
+    assert not is_hub_name("corpus.bin") and not is_hub_name("org/corpus.safetensors")
+    with pytest.raises(DataError, match="--data data/corpus: no such file or directory"):
+        load_documents("data/corpus")
