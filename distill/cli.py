@@ -266,7 +266,7 @@ def _make_stage_command(stage: int):
             init_from=o["init_from"],
             **_run_kwargs(o),
         )
-        if not _is_main_process():
+        if not _is_main_process() or summary.get("already_done"):  # distill_stage said so in one line
             return
         click.echo(
             f"stage {stage}: {summary['tokens']} tokens, loss {summary['final_loss']:.4f}, "
@@ -308,11 +308,14 @@ def all_cmd(**o):
     if not _is_main_process():
         return
     init = result["init"]
+    if result.get("already_done"):
+        click.echo(f"this run had already finished: the results saved in {o['out']} (use a new --out to train again)")
     click.echo(
         f"after init ({o['init']}): student ppl {init['student_ppl']:.2f} vs teacher {init['teacher_ppl']:.2f}"
     )
     for k, s in result["stages"].items():
-        click.echo(f"stage {k}: {s['tokens']} tokens, loss {s['final_loss']:.4f}, {s['tok_s']:.0f} tok/s")
+        was = " (finished before)" if s.get("already_done") else ""
+        click.echo(f"stage {k}: {s['tokens']} tokens, loss {s['final_loss']:.4f}, {s['tok_s']:.0f} tok/s{was}")
     _print_eval(result["eval"])
 
 

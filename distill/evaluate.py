@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llamba.checkpoints import load_model
 from llamba.distill.data import load_documents, pack, split_documents
-from llamba.distill.teacher import teacher_residuals
+from llamba.distill.teacher import get_teacher, resolve_device, teacher_residuals
 
 
 @torch.no_grad()
@@ -99,9 +100,6 @@ def evaluate(
     (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used; `stream`: the
     held-out documents of a `--stream` run). Evaluates on up to max_tokens held-out tokens in rows of seq_len.
     Returns the metrics dict of `evaluate_tokens`."""
-    from llamba.checkpoints import load_model
-    from llamba.distill.run import get_teacher, resolve_device
-
     dev = resolve_device(device)
     t = get_teacher(teacher, dev)
     student = load_model(model, device=dev) if isinstance(model, (str, Path)) else model.to(dev)

@@ -1,0 +1,110 @@
+"""Re-running into an existing --out through the real CLI: a finished stage says it is done, a half-finished one
+says where it resumes, and another teacher / data / init / budget / stage setting is refused in one line naming
+the field, leaving the run directory as it was."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from llamba.distill.cli import distill
+from llamba.distill.run import Interrupted, distill_stage
+from llamba.distill.testing import tiny_corpus, write_tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("rerun")
+    teacher = write_tiny_teacher(root / "teacher")
+    other = write_tiny_teacher(root / "teacher3", layers=3)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus()))
+    corpus2 = root / "corpus2.jsonl"
+    corpus2.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(seed=1)))
+    return root, teacher, other, corpus, corpus2
+
+
+def _invoke(args):
+    return CliRunner().invoke(distill, args, catch_exceptions=False)
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _base(teacher, corpus, out, *extra):
+    return ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "256",
+            "--seq-len", "32", "--no-progress", *extra]
+
+
+def test_finished_stage_rerun_says_done_and_refuses_other_settings(files):
+    root, teacher, other, corpus, corpus2 = files
+    out = root / "done"
+    first = _invoke(_base(teacher, corpus, out))
+    assert first.exit_code == 0, first.output
+    assert "stage 1: 256 tokens" in first.output
+    before = _snapshot(out)
+
+    again = _invoke(_base(teacher, corpus, out))
+    assert again.exit_code == 0, again.output
+    assert "stage 1: already done" in again.output and "tokens, loss" not in again.output
+
+    more = [("512" if a == "256" else a) for a in _base(teacher, corpus, out)]
+    _one_line_error(_invoke(more), "different `tokens`", "256", "--tokens 256")
+    _one_line_error(_invoke(_base(teacher, corpus, out, "--lr", "0.01")), "different `lr`", "--lr 0.0001")
+    _one_line_error(_invoke(_base(other, corpus, out)), "run.json", "--teacher", str(teacher), "new --out")
+    _one_line_error(_invoke(_base(teacher, corpus2, out)), "run.json", "--data", str(corpus))
+    _one_line_error(_invoke(_base(teacher, corpus, out, "--init", "attention")), "--init llamba")
+    assert _snapshot(out) == before  # every refusal left the run as it was
+
+    corpus_copy = root / "copy.jsonl"  # same path, other content
+    corpus_copy.write_bytes(corpus.read_bytes())
+    out2 = root / "content"
+    assert _invoke(_base(teacher, corpus_copy, out2)).exit_code == 0
+    corpus_copy.write_bytes(corpus2.read_bytes())
+    _one_line_error(_invoke(_base(teacher, corpus_copy, out2)), "content of --data", "changed")
+
+
+def test_half_finished_stage_says_where_it_resumes_and_refuses_another_teacher(files):
+    root, teacher, other, corpus, corpus2 = files
+    out = root / "half"
+    kw = dict(teacher=str(teacher), data=str(corpus), out=out, tokens=6 * 4 * 32, seq_len=32, device="cpu",
+              progress=False, ckpt_every_s=1e9)
+    with pytest.raises(Interrupted):
+        distill_stage(1, stop_after=2, **kw)
+    assert (out / "stage1" / "resume").is_dir()
+    before = _snapshot(out)
+    args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "768",
+            "--seq-len", "32", "--no-progress"]
+    _one_line_error(_invoke([*args[:2], str(other), *args[3:]]), "--teacher")
+    _one_line_error(_invoke([*args[:4], str(corpus2), *args[5:]]), "--data")
+    assert _snapshot(out) == before
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    assert "stage 1: resuming at step 2/6 from resume/, 256 tokens done" in result.output
+    rows = [json.loads(x) for x in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+
+
+def test_finished_all_rerun_with_another_budget_is_refused(files):
+    root, teacher, other, corpus, corpus2 = files
+    out = root / "all"
+    args = ["all", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "2000",
+            "--seq-len", "32", "--no-progress", "--eval-tokens", "128"]
+    assert _invoke(args).exit_code == 0
+    again = _invoke(args)
+    assert again.exit_code == 0, again.output
+    assert "already finished" in again.output and "(finished before)" in again.output
+    _one_line_error(_invoke([*args[:8], "3000", *args[9:]]), "--tokens 2000")
