@@ -337,8 +337,9 @@ def train_stage(
             try:
                 row = train_step(run, state.step)
             except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e}; stopped without applying it, {_kept(ckpt, sdir)}; lower --lr (now "
-                                    f"{spec.lr:g}) or check the teacher's weights") from None
+                raise NonFiniteLoss(f"{e}; stopped without applying it, {_kept(ckpt, sdir)}; check the teacher's "
+                                    f"weights, or retry with a lower --lr (now {spec.lr:g}) in a new --out (or "
+                                    f"after deleting {sdir.path})") from None
             state.step, state.elapsed = row["step"], state.elapsed + row["elapsed_s"]
             row["elapsed_s"] = round(state.elapsed, 3)
             state.metrics.append(row)

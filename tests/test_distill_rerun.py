@@ -108,3 +108,35 @@ def test_finished_all_rerun_with_another_budget_is_refused(files):
     assert again.exit_code == 0, again.output
     assert "already finished" in again.output and "(finished before)" in again.output
     _one_line_error(_invoke([*args[:8], "3000", *args[9:]]), "--tokens 2000")
+
+
+def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_exits_nonzero(files):
+    root, teacher, other, corpus, corpus2 = files
+    out = root / "nan"
+    args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "1280",
+            "--seq-len", "32", "--no-progress", "--lr", "1e6", "--ckpt-every", "0"]
+    line = _one_line_error(_invoke(args), "stage 1: loss nan", "stopped without applying it", "last good checkpoint",
+                           "--lr")
+    stage = out / "stage1"
+    assert not (stage / "DONE.json").exists() and not (stage / "model.safetensors").exists()
+    assert (stage / "resume").is_dir()
+    step = int(line.split("resume at step ")[1].split()[0])
+    rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["loss"] == r["loss"] for r in rows) and rows[-1]["step"] == step  # no nan row logged
+
+    for lr in ("nan", "inf"):  # (negative values are refused by click itself)
+        _one_line_error(_invoke([*args[:-4], "--lr", lr]), "--lr")
+
+
+def test_corrupt_teacher_payload_stops_at_the_first_step(files):
+    from safetensors.torch import load_file, save_file
+
+    root, teacher, other, corpus, corpus2 = files
+    bad = write_tiny_teacher(root / "nan-teacher")
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k in weights if "q_proj" in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))  # header intact, payload corrupt
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    out = root / "nan-teacher-run"
+    _one_line_error(_invoke(_base(bad, corpus, out)), "loss nan", "step 1/", "no checkpoint", "teacher's weights")
+    assert not (out / "stage1" / "DONE.json").exists()
