@@ -336,8 +336,14 @@ def all_cmd(**o):
 def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, stream, as_json):
     """Teacher vs student: perplexity, mean KL, top-1 agreement, per-layer hidden-state error."""
     _quiet_hf()
+    from pathlib import Path
+
     from llamba.distill.evaluate import evaluate
 
+    stage = Path(model)
+    if (stage / "spec.json").is_file() and not (stage / "DONE.json").is_file():
+        click.echo(f"warning: {stage} has no DONE.json: its stage did not finish, so these weights may be from "
+                   "an interrupted run; re-run the distill command to finish it", err=True)
     ev = evaluate(
         model,
         teacher=teacher,

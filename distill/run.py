@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from llamba.atomic import clean_stale
 from llamba.checkpoints import load_model
 from llamba.distill.data import TokenData, build_token_data, load_documents
 from llamba.distill.distributed import (
@@ -239,12 +240,15 @@ class Checkpointer:
             plot_stage(state.metrics, self.sdir.path / "loss.png", f"stage {self.run.spec.stage}")
 
     def load(self) -> TrainState:
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
         try:
             extra = load_sharded(self.sdir.resume_dir, self.run.model, self.run.opt,
                                  {"step": 0, "elapsed": 0.0, "metric_lines": 0, "data": ""})
-        except Exception as e:  # truncated shard, empty .metadata, foreign files: name it and the fix
-            raise RunError(f"{self.sdir.resume_dir} cannot be read ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); delete it to restart stage "
+        except (Exception, CheckpointException) as e:  # truncated shard, empty .metadata: name it and the fix
+            why = type(e).__name__ if isinstance(e, CheckpointException) else \
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise RunError(f"{self.sdir.resume_dir} cannot be read ({why}); delete it to restart stage "
                            f"{self.run.spec.stage} from its start") from None
         self.run.data.restore(extra["data"])
         self.step = int(extra["step"])
@@ -433,6 +437,8 @@ def _check_run(out: Path, t: Teacher, data, text_field: str, init: str, ctx: Dis
     rd = RunDir(out)
     if write and ctx.is_main:
         rd.root.mkdir(parents=True, exist_ok=True)
+        clean_stale(rd.root)  # temporaries of writers killed in an earlier run (stage dirs: train_stage)
+        clean_stale(rd.init_dir)
     rd.check_identity({**run_identity(t, data, text_field, init), **extra}, write=write and ctx.is_main)
     ctx.barrier()
     return rd

@@ -140,3 +140,53 @@ def test_corrupt_teacher_payload_stops_at_the_first_step(files):
     out = root / "nan-teacher-run"
     _one_line_error(_invoke(_base(bad, corpus, out)), "loss nan", "step 1/", "no checkpoint", "teacher's weights")
     assert not (out / "stage1" / "DONE.json").exists()
+
+
+def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(files):
+    from llamba.distill.cli import eval_cmd
+
+    root, teacher, other, corpus, corpus2 = files
+    out = root / "state"
+    kw = dict(teacher=str(teacher), data=str(corpus), out=out, tokens=6 * 4 * 32, seq_len=32, device="cpu",
+              progress=False, ckpt_every_s=1e9)
+    with pytest.raises(Interrupted):
+        distill_stage(1, stop_after=2, **kw)
+    stage = out / "stage1"
+    args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "768",
+            "--seq-len", "32", "--no-progress"]
+
+    spec = (stage / "spec.json").read_bytes()
+    (stage / "spec.json").write_text("")
+    _one_line_error(_invoke(args), "spec.json is empty", "delete it")
+    (stage / "spec.json").write_bytes(spec)
+    run = (out / "run.json").read_bytes()
+    (out / "run.json").write_text('{"teacher": ')
+    _one_line_error(_invoke(args), "run.json is corrupt")
+    (out / "run.json").write_bytes(run)
+    shard = next((stage / "resume").glob("*.distcp"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 3])
+    _one_line_error(_invoke(args), "resume cannot be read", "delete it")
+    shard.write_bytes(good)
+
+    with open(stage / "metrics.jsonl", "a") as f:  # a kill mid-append tears the last line
+        f.write('{"step": 3, "tokens": 38')
+    (stage / ".save-stale").mkdir()
+    (stage / ".save-stale" / "model.safetensors").write_bytes(b"half")
+    (stage / ".spec.json.x1y2.tmp").write_text("{")
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    assert not (stage / ".save-stale").exists() and not (stage / ".spec.json.x1y2.tmp").exists()
+    assert [json.loads(x)["step"] for x in (stage / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+    done = (stage / "DONE.json").read_bytes()
+    (stage / "DONE.json").write_text("")
+    _one_line_error(_invoke(args), "DONE.json is empty", "delete it to train this stage again")
+    (stage / "DONE.json").unlink()  # weights written, DONE.json not: eval warns
+    ev = ["--model", str(stage), "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "32",
+          "--max-tokens", "64", "--json"]
+    result = CliRunner().invoke(eval_cmd, ev, catch_exceptions=False)
+    assert result.exit_code == 0 and "has no DONE.json" in result.output, result.output
+    (stage / "DONE.json").write_bytes(done)
+    result = CliRunner().invoke(eval_cmd, ev, catch_exceptions=False)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
