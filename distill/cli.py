@@ -13,14 +13,14 @@ from llamba.distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN
 ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
 
 
-def _quiet_hf() -> None:
+def quiet_hf() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
-def _one_line_errors(fn):
+def one_line_errors(fn):
     """Bad input -> one-line click error, never a traceback."""
 
     @functools.wraps(fn)
@@ -37,6 +37,9 @@ def _one_line_errors(fn):
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     return wrapper
+
+
+_quiet_hf, _one_line_errors = quiet_hf, one_line_errors  # older names
 
 
 def common_options(fn):

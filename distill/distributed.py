@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llamba.atomic import recover_dir, replace_dir
+
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 TEACHER_STRATEGIES = ("auto", "replicate", "fsdp")
 
@@ -222,21 +224,14 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra or {}}, checkpoint_id=str(tmp))
     ctx.barrier()
     if ctx.is_main:
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)  # fsync, then path -> path.old, tmp -> path
     ctx.barrier()
 
 
 def recover_checkpoint(path: str | Path, ctx: DistContext) -> None:
     """A kill between save_sharded's two renames leaves only `path.old`: put it back (rank 0; all ranks wait)."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if ctx.is_main and not path.exists() and old.is_dir():
-        os.replace(old, path)
+    if ctx.is_main:
+        recover_dir(path)
     ctx.barrier()
 
 
