@@ -32,16 +32,15 @@ def evaluate_tokens(
     for start in range(0, ids.shape[0], batch_size):
         x = ids[start : start + batch_size]
         t = teacher_residuals(teacher_model, x)
-        h = student.backbone.embedding(x)
+        s = student(x, return_residuals=True)
         for i, block in enumerate(student.backbone.layers):
             target = t["resid"][i + 1].float()
-            h, _, _ = block(h)
-            diff_st[i] += (h.float() - target).pow(2).sum().item()
+            diff_st[i] += (s.residuals[i + 1].float() - target).pow(2).sum().item()
             ref[i] += target.pow(2).sum().item()
-            if per_layer:
+            if per_layer:  # student block i on the teacher's stream
                 pred, _, _ = block(t["resid"][i])
                 diff_tf[i] += (pred.float() - target).pow(2).sum().item()
-        s_logits = student.lm_head(student.backbone.final_layernorm(h)).float()
+        s_logits = s.logits
         t_logits = t["logits"]
         targets = x[:, 1:].reshape(-1)
         nll_s += F.cross_entropy(

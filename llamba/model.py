@@ -87,6 +87,9 @@ class LlambaOutput(ModelOutput):
     logits: torch.Tensor | None = None  # (b, l, v), or (b, num_last_tokens, v)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layer + 1 residual streams, like HF Llama
     state: LlambaState | None = None
+    # return_residuals: n_layer + 1 residual streams (b, l, d), all before the final norm (entry i is the input of
+    # layer i), the layout of distill.teacher.teacher_residuals' "resid"
+    residuals: tuple[torch.Tensor, ...] | None = None
 
 
 class LlambaPreTrainedModel(PreTrainedModel):
@@ -136,17 +139,21 @@ class LlambaForCausalLM(LlambaPreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor, labels: torch.LongTensor | None = None,
                 state: LlambaState | None = None, output_hidden_states: bool = False,
-                num_last_tokens: int = 0, **_ignored) -> LlambaOutput:
+                num_last_tokens: int = 0, return_residuals: bool = False, **_ignored) -> LlambaOutput:
         """input_ids: (b, l). With `state`, continues from it (prefill / multi-turn) and updates it in place.
-        labels: (b, l), shifted inside, -100 ignored. num_last_tokens > 0 computes only the last logits."""
+        labels: (b, l), shifted inside, -100 ignored. num_last_tokens > 0 computes only the last logits.
+        return_residuals: also return every residual stream before the final norm (`residuals`)."""
         h = self.backbone.embedding(input_ids)
         hidden = [h] if output_hidden_states else None
+        resid = [h] if return_residuals else None
         for i, block in enumerate(self.backbone.layers):
             h, new_state, _ = block(h, state.layer(i) if state is not None else None)
             if state is not None:
                 state.update(i, new_state)
             if output_hidden_states:
                 hidden.append(h)
+            if return_residuals:
+                resid.append(h)
         h = self.backbone.final_layernorm(h)
         if output_hidden_states:
             hidden[-1] = h  # HF convention: the last entry is after the final norm
@@ -159,7 +166,8 @@ class LlambaForCausalLM(LlambaPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return LlambaOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None, state=state)
+        return LlambaOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None, state=state,
+                            residuals=tuple(resid) if resid else None)
 
     @torch.no_grad()
     def step(self, input_ids: torch.LongTensor, state: LlambaState) -> torch.Tensor:

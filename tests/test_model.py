@@ -212,3 +212,22 @@ def test_state_size_is_independent_of_context(tiny_config):
         model(torch.randint(0, tiny_config.vocab_size, (1, length)), state=state)
         sizes.append(state.nbytes())
     assert sizes[0] == sizes[1]
+
+
+def test_return_residuals_are_the_streams_before_the_final_norm(tiny_config):
+    from llamba.model import LlambaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlambaForCausalLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 11))
+    out = model(ids, return_residuals=True, output_hidden_states=True)
+    h = model.backbone.embedding(ids)
+    expected = [h]
+    for block in model.backbone.layers:  # the forward written out by hand, once, here
+        h, _, _ = block(h)
+        expected.append(h)
+    assert len(out.residuals) == tiny_config.n_layer + 1
+    for a, b in zip(out.residuals, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.logits, model.lm_head(model.backbone.final_layernorm(h)).float())
+    assert model(ids).residuals is None
