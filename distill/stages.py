@@ -20,9 +20,33 @@ import torch
 from torch import nn
 
 from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss
+from llamba.distill.options import option
 from llamba.distill.teacher import AttentionMaps, teacher_residuals
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+# The options only one stage reads (its command's --help shows them; `distill all` shows every stage's). Their
+# defaults are the StageSpec defaults below.
+@dataclasses.dataclass
+class Stage1Options:
+    pass
+
+
+@dataclasses.dataclass
+class Stage2Options:
+    mixer_only: bool = option(False, "Stage 2: align the mixer output to the attention output.")
+
+
+@dataclasses.dataclass
+class Stage3Options:
+    temperature: float = option(1.0, "Stage 3 KD temperature.", low=0, low_open=True)
+    hard_weight: float = option(0.0, "Stage 3 weight of the hard-label CE.", low=0)
+    freeze_mlp: bool = option(False, "Stage 3: freeze MLPs (MOHAWK/Phi-Mamba variant).")
+
+
+def _default(cls, name: str):
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
 @dataclasses.dataclass
@@ -40,10 +64,10 @@ class StageSpec:
     clip: float = 1.0
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | bf16 | fp32
-    temperature: float = 1.0  # stage 3
-    hard_weight: float = 0.0  # stage 3
-    freeze_mlp: bool = False  # stage 3
-    mixer_only: bool = False  # stage 2
+    temperature: float = _default(Stage3Options, "temperature")
+    hard_weight: float = _default(Stage3Options, "hard_weight")
+    freeze_mlp: bool = _default(Stage3Options, "freeze_mlp")
+    mixer_only: bool = _default(Stage2Options, "mixer_only")
     stream: bool = False  # read --data lazily (distill/stream.py) instead of packing it in memory
     stream_shards: int = 8  # virtual shards of the stream; the number of processes must divide it
 
@@ -237,17 +261,17 @@ class Stage:
     trains: Callable[[str, StageSpec], bool]  # parameter name -> trained in this stage
     per_block: bool  # the step gets the student's blocks (True) or the whole model (False)
     step: Callable[..., LossStep]  # (blocks | model, teacher, spec, device) -> LossStep
-    options: tuple[str, ...] = ()  # StageSpec fields only this stage reads (its CLI shows only these)
+    options: type = Stage1Options  # dataclass of the StageSpec fields only this stage reads (its CLI options)
 
 
 # Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B. Stage 1 compares
 # l x l maps per head: short sequences keep it cheap.
 STAGES: dict[int, Stage] = {
-    1: Stage(1, "matrix orientation", 1e-4, 0.3 / 8.0, 64, 4, _trains_stage1, True, stage1_step),
+    1: Stage(1, "matrix orientation", 1e-4, 0.3 / 8.0, 64, 4, _trains_stage1, True, stage1_step, Stage1Options),
     2: Stage(2, "hidden-state alignment", 1e-4, 2.7 / 8.0, 256, 4, _trains_stage2, True, stage2_step,
-             ("mixer_only",)),
+             Stage2Options),
     3: Stage(3, "end-to-end knowledge distillation", 5e-5, 5.0 / 8.0, 256, 4, _trains_stage3, False, stage3_step,
-             ("temperature", "hard_weight", "freeze_mlp")),
+             Stage3Options),
 }
 
 # Views of the registry (kept for readers of the old per-stage dicts).

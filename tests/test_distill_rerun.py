@@ -190,3 +190,18 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
     (stage / "DONE.json").write_bytes(done)
     result = CliRunner().invoke(eval_cmd, ev, catch_exceptions=False)
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+def test_each_command_offers_only_the_options_it_uses():
+    from llamba.distill.options import cli_fields
+    from llamba.distill.stages import STAGES, StageSpec
+
+    helps = {name: CliRunner().invoke(distill, [name, "--help"]).output for name in ("stage1", "stage2", "stage3",
+                                                                                     "all")}
+    assert "--temperature" not in helps["stage1"] and "--mixer-only" not in helps["stage1"]
+    assert "--mixer-only" in helps["stage2"] and "--temperature" not in helps["stage2"]
+    assert "--temperature" in helps["stage3"] and "--freeze-mlp" in helps["stage3"]
+    assert all(f"--{o}" in helps["all"] for o in ("temperature", "mixer-only", "eval-tokens"))
+    for record in STAGES.values():  # a stage option's default is the StageSpec default (one place)
+        for f in cli_fields(record.options):
+            assert getattr(StageSpec(record.number, 1), f.name) == f.default
