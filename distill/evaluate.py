@@ -107,6 +107,12 @@ def evaluate(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size "
             f"{t.model.config.vocab_size}: they were not distilled from each other"
         )
+    t_layers = t.model.config.num_hidden_layers
+    if student.config.n_layer != t_layers:
+        raise ValueError(
+            f"student has {student.config.n_layer} layers but the teacher has {t_layers}: they were not "
+            "distilled from each other; pass the --teacher the student was distilled from"
+        )
     held = heldout_rows(t, seq_len, data, text_field, docs, stream)
     n = max(1, min(held.shape[0], max_tokens // seq_len))
     return evaluate_tokens(student, t.model, held[:n].to(dev), batch_size, per_layer)

@@ -14,6 +14,7 @@ uninterrupted run. A re-run with another teacher, data, init or stage setting is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -102,7 +103,9 @@ def stage_record(spec: StageSpec, start: str | None) -> dict:
 
 def spec_mismatch(old: dict, new: dict) -> str | None:
     """The first field whose value differs (fields missing from an older spec.json read as their defaults)."""
-    base = {**StageSpec(new["stage"], new["tokens"]).to_json(), "start": new.get("start")}
+    base = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(StageSpec) if f.default is not dataclasses.MISSING}
+    base["start"] = new.get("start")
     old = {**base, **old}
     return next((k for k, v in new.items() if old.get(k) != v), None)
 

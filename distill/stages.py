@@ -89,6 +89,11 @@ class StageSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        if self.tokens_per_step > 2 * self.tokens:  # a run does at most twice its budget (one rounded-up step)
+            raise ValueError(
+                f"stage {self.stage}: its budget of {self.tokens} tokens is less than half of one optimizer step "
+                f"({self.tokens_per_step} tokens = --seq-len {self.seq_len} x --batch-size {self.batch_size} x "
+                f"--grad-accum {self.grad_accum}); raise --tokens or lower --batch-size / --seq-len")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

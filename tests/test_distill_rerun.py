@@ -204,4 +204,21 @@ def test_each_command_offers_only_the_options_it_uses():
     assert all(f"--{o}" in helps["all"] for o in ("temperature", "mixer-only", "eval-tokens"))
     for record in STAGES.values():  # a stage option's default is the StageSpec default (one place)
         for f in cli_fields(record.options):
-            assert getattr(StageSpec(record.number, 1), f.name) == f.default
+            assert getattr(StageSpec(record.number, 10**6), f.name) == f.default
+
+
+def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused(files):
+    from llamba.distill.cli import eval_cmd
+
+    root, teacher, other, corpus, corpus2 = files
+    out = root / "tiny-budget"
+    _one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
+                             "--tokens", "16", "--seq-len", "16", "--batch-size", "32", "--no-progress"]),
+                    "budget of 16 tokens", "--batch-size")
+    assert not out.exists()
+    done = root / "done" / "stage1"  # the first test's run when it ran; else make one
+    if not (done / "DONE.json").is_file():
+        assert _invoke(_base(teacher, corpus, root / "done")).exit_code == 0
+    result = CliRunner().invoke(eval_cmd, ["--model", str(done), "--teacher", str(other), "--data", str(corpus),
+                                           "--seq-len", "32", "--max-tokens", "64"], catch_exceptions=False)
+    _one_line_error(result, "2 layers", "teacher has 3")
