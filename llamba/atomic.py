@@ -115,8 +115,13 @@ def atomic_dir(dest: str | Path, mode: str = "replace", last: str | None = "conf
                     shutil.rmtree(dest / f.name)
                 os.replace(f, dest / f.name)
             fsync_path(dest)
-        elif mode == "keep" and dest.exists():
-            pass
+        elif mode == "keep":
+            fsync_tree(tmp)
+            try:
+                os.replace(tmp, dest)  # fails when another process put a (non-empty) dest there first
+                fsync_path(dest.parent)
+            except OSError:
+                pass
         else:
             replace_dir(tmp, dest)
     finally:
