@@ -13,7 +13,7 @@ from llamba.distill.init import INIT_CHOICES
 from llamba.distill.options import click_options, option, pick
 from llamba.distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN, PRECISIONS, STAGES, StageSpec
 
-ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
+ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError, MemoryError)
 
 
 def quiet_hf() -> None:

@@ -253,9 +253,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def memory_plan(student: nn.Module, teacher: nn.Module | None, ctx: DistContext, strategy: str, seq_len: int,
                 micro_batch: int, activation_checkpointing: bool = False,
-                teacher_strategy: str = "replicate") -> dict[str, float]:
+                teacher_strategy: str = "replicate", stage_bytes: float = 0.0) -> dict[str, float]:
     """Bytes per rank (GiB): student params, gradients, AdamW state (2 fp32 moments), teacher (its dtype, 1/N of
-    it when sharded), activations.
+    it when sharded), activations, and `stage_bytes` (the stage record's own estimate).
 
     Activations are estimated as ~34 * d * tokens bytes per block without checkpointing (a Llama-block rule of
     thumb, fp32) and one block's worth plus the residual streams with it."""
@@ -278,6 +278,8 @@ def memory_plan(student: nn.Module, teacher: nn.Module | None, ctx: DistContext,
         "teacher": teacher_bytes / gib,
         "activations": acts / gib,
     }
+    if stage_bytes:  # what the stage itself holds at once (stage 1: one layer's l x l attention maps)
+        plan["stage extra"] = stage_bytes / gib
     plan["total"] = sum(plan.values())
     return plan
 

@@ -29,6 +29,7 @@ from llamba.checkpoints import load_model
 from llamba.distill.data import TokenData, build_token_data, load_documents
 from llamba.distill.distributed import (
     DistContext,
+    available_memory_gib,
     bf16_supported,
     check_memory_plan,
     ddp_blocks,
@@ -172,9 +173,12 @@ def setup_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
     sharded_teacher = hasattr(teacher.model, "unshard")  # sharded by an earlier stage of this run
     plan_args = (student, teacher.model, ctx, strategy, spec.seq_len, spec.batch_size // ctx.world_size,
                  activation_checkpointing)
+    extra = record.extra_bytes(spec, teacher.model.config, ctx.world_size)
     teacher_strategy = "fsdp" if sharded_teacher else ctx.broadcast_object(  # rank 0's free memory decides
-        resolve_teacher_strategy(teacher_strategy, ctx, memory_plan(*plan_args, teacher_strategy="replicate")))
-    plan_line = check_memory_plan(memory_plan(*plan_args, teacher_strategy=teacher_strategy), ctx)
+        resolve_teacher_strategy(teacher_strategy, ctx, memory_plan(*plan_args, teacher_strategy="replicate",
+                                                                    stage_bytes=extra)))
+    plan_line = check_memory_plan(memory_plan(*plan_args, teacher_strategy=teacher_strategy, stage_bytes=extra),
+                                  ctx)
     if not sharded_teacher:
         wrap_teacher(teacher.model, ctx, teacher_strategy)
     model = wrap_student(student, ctx, strategy, LlambaBlock, activation_checkpointing,
@@ -429,6 +433,16 @@ def stage_start(
     return load_model(init_dir, device=device)
 
 
+def check_stage_memory(spec: StageSpec, t: Teacher, ctx: DistContext) -> None:
+    """Before reading any data: refuse a stage whose own memory (stage 1: l x l maps) cannot fit at all."""
+    need = STAGES[spec.stage].extra_bytes(spec, t.model.config, ctx.world_size) / 2**30
+    free = available_memory_gib(ctx.device)
+    if need > free:
+        raise MemoryError(f"stage {spec.stage} needs {need:.1f} GiB per rank for its attention maps alone (--seq-len "
+                          f"{spec.seq_len}, --batch-size {spec.batch_size}) but {free:.1f} GiB is free; lower "
+                          "--seq-len or --batch-size, or use more processes")
+
+
 def _load_teacher(teacher, ctx: DistContext) -> Teacher:
     return get_teacher(teacher, ctx.device, torch.bfloat16 if bf16_supported(ctx.device) else torch.float32)
 
@@ -479,6 +493,7 @@ def distill_stage(
     tokens = tokens if tokens is not None else split_budget(DEFAULT_TOTAL_TOKENS)[stage]
     spec = default_spec(stage, tokens, **spec_overrides)  # validates the settings before any loading
     t = _load_teacher(teacher, ctx)
+    check_stage_memory(spec, t, ctx)
     if not _checked:
         _check_run(out, t, data, text_field, init, ctx)
     sdir = RunDir(out).stage(stage)

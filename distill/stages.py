@@ -252,6 +252,13 @@ def _trains_stage3(name: str, spec: StageSpec) -> bool:
     return not (spec.freeze_mlp and ".mlp." in name)
 
 
+def _stage1_memory(spec: StageSpec, teacher_config, world_size: int) -> float:
+    """One layer's l x l maps at a time, fp32, per query head: the teacher's maps, the student's mixing matrix, its
+    gradient and the loss's temporary (4 of them), for this rank's rows of a micro-batch."""
+    rows = max(1, spec.batch_size // world_size)
+    return 4 * 4 * rows * teacher_config.num_attention_heads * spec.seq_len**2
+
+
 # --------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------
@@ -267,12 +274,18 @@ class Stage:
     per_block: bool  # the step gets the student's blocks (True) or the whole model (False)
     step: Callable[..., LossStep]  # (blocks | model, teacher, spec, device) -> LossStep
     options: type = Stage1Options  # dataclass of the StageSpec fields only this stage reads (its CLI options)
+    memory: Callable[[StageSpec, object, int], float] | None = None  # (spec, teacher config, ranks) -> bytes
+
+    def extra_bytes(self, spec: StageSpec, teacher_config, world_size: int = 1) -> float:
+        """Per-rank bytes this stage holds beyond the generic plan (0 when it has no estimate)."""
+        return float(self.memory(spec, teacher_config, world_size)) if self.memory else 0.0
 
 
 # Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B. Stage 1 compares
 # l x l maps per head: short sequences keep it cheap.
 STAGES: dict[int, Stage] = {
-    1: Stage(1, "matrix orientation", 1e-4, 0.3 / 8.0, 64, 4, _trains_stage1, True, stage1_step, Stage1Options),
+    1: Stage(1, "matrix orientation", 1e-4, 0.3 / 8.0, 64, 4, _trains_stage1, True, stage1_step, Stage1Options,
+             _stage1_memory),
     2: Stage(2, "hidden-state alignment", 1e-4, 2.7 / 8.0, 256, 4, _trains_stage2, True, stage2_step,
              Stage2Options),
     3: Stage(3, "end-to-end knowledge distillation", 5e-5, 5.0 / 8.0, 256, 4, _trains_stage3, False, stage3_step,

@@ -222,3 +222,24 @@ def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused
     result = CliRunner().invoke(eval_cmd, ["--model", str(done), "--teacher", str(other), "--data", str(corpus),
                                            "--seq-len", "32", "--max-tokens", "64"], catch_exceptions=False)
     _one_line_error(result, "2 layers", "teacher has 3")
+
+
+def test_stage1_memory_plan_counts_its_attention_maps(files):
+    from llamba.distill.distributed import DistContext, memory_plan
+    from llamba.distill.init import build_student
+    from llamba.distill.stages import STAGES, default_spec
+    from llamba.distill.testing import tiny_teacher
+
+    root, teacher, other, corpus, corpus2 = files
+    t = tiny_teacher()
+    spec = default_spec(1, 10**6, seq_len=512, batch_size=4)
+    extra = STAGES[1].extra_bytes(spec, t.config)
+    assert extra == 4 * 4 * 4 * t.config.num_attention_heads * 512**2  # 4 fp32 (b, heads, l, l) tensors
+    assert STAGES[2].extra_bytes(spec, t.config) == 0
+    plan = memory_plan(build_student(t), t, DistContext(), "none", 512, 4, stage_bytes=extra)
+    assert plan["stage extra"] == extra / 2**30 and plan["total"] >= plan["stage extra"]
+    out = root / "huge"  # 100k x 100k maps: refused at once, before any data is read
+    _one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
+                             "--tokens", "1000000", "--seq-len", "100000", "--no-progress"]),
+                    "attention maps", "--seq-len")
+    assert not (out / "stage1").exists()
