@@ -19,7 +19,7 @@ import torch
 
 
 def _teacher():
-    from llamba.distill.run import get_teacher
+    from llamba.distill.teacher import get_teacher
 
     return get_teacher("default", torch.device("cpu"))
 

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
 import click
 
 from llamba.distill.distributed import STRATEGIES, TEACHER_STRATEGIES
-from llamba.distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN
+from llamba.distill.init import INIT_CHOICES
+from llamba.distill.options import click_options, option, pick
+from llamba.distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN, PRECISIONS, STAGES, StageSpec
 
-ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
+ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError, MemoryError)
 
 
-def _quiet_hf() -> None:
+def quiet_hf() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
-def _one_line_errors(fn):
+def one_line_errors(fn):
     """Bad input -> one-line click error, never a traceback."""
 
     @functools.wraps(fn)
@@ -39,134 +42,59 @@ def _one_line_errors(fn):
     return wrapper
 
 
-def common_options(fn):
-    options = [
-        click.option(
-            "--teacher",
-            default="default",
-            show_default=True,
-            help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF directory or hub name.",
-        ),
-        click.option(
-            "--data",
-            default=None,
-            help="default: CPython's language reference (offline); 'teacher[:N]' for "
-            "teacher samples; a .txt/.jsonl/.parquet file or directory; or a HF dataset name.",
-        ),
-        click.option(
-            "--text-field", default="text", show_default=True, help="Field holding the text in JSONL/Parquet."
-        ),
-        click.option(
-            "--out",
-            "out",
-            default="runs/distill",
-            show_default=True,
-            type=click.Path(file_okay=False),
-            help="Run directory (re-run the same command to resume).",
-        ),
-        click.option(
-            "--tokens",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Token budget (all: the total, split 3.75/33.75/62.5% over the stages).",
-        ),
-        click.option(
-            "--seq-len",
-            type=click.IntRange(min=2),
-            default=None,
-            help=f"Sequence length (default per stage: {DEFAULT_SEQ_LEN}).",
-        ),
-        click.option(
-            "--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per micro-batch (4)."
-        ),
-        click.option(
-            "--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per step (1)."
-        ),
-        click.option(
-            "--lr",
-            type=click.FloatRange(min=0, min_open=True),
-            default=None,
-            help=f"Peak LR of the WSD schedule (default per stage: {DEFAULT_LR}).",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option(
-            "--init",
-            type=click.Choice(["llamba", "attention"]),
-            default="llamba",
-            show_default=True,
-            help="Mixer init of the student (stage 1 start).",
-        ),
-        click.option(
-            "--precision",
-            type=click.Choice(["auto", "bf16", "fp32"]),
-            default="auto",
-            show_default=True,
-            help="auto = bf16 on a GPU that supports it (FSDP2: bf16 params/compute, fp32 master weights and "
-            "reductions; DDP / one process: bf16 autocast), fp32 on CPU; fp32 turns both off.",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N"),
-        click.option(
-            "--temperature",
-            type=click.FloatRange(min=0, min_open=True),
-            default=1.0,
-            show_default=True,
-            help="Stage 3 KD temperature.",
-        ),
-        click.option(
-            "--hard-weight",
-            type=click.FloatRange(min=0),
-            default=0.0,
-            show_default=True,
-            help="Stage 3 weight of the hard-label CE.",
-        ),
-        click.option("--freeze-mlp", is_flag=True, help="Stage 3: freeze MLPs (MOHAWK/Phi-Mamba variant)."),
-        click.option(
-            "--mixer-only", is_flag=True, help="Stage 2: align the mixer output to the attention output."
-        ),
-        click.option(
-            "--ckpt-every",
-            type=click.FloatRange(min=0),
-            default=120.0,
-            show_default=True,
-            help="Seconds between resumable checkpoints.",
-        ),
-        click.option("--no-progress", is_flag=True, help="No progress bar."),
-        click.option(
-            "--strategy",
-            type=click.Choice(STRATEGIES),
-            default="auto",
-            show_default=True,
-            help="Student data parallelism under torchrun: auto = FSDP2 with >1 process, none with 1; ddp "
-            "replicates (stage 3: the model, stages 1-2: each block).",
-        ),
-        click.option(
-            "--teacher-strategy",
-            type=click.Choice(TEACHER_STRATEGIES),
-            default="auto",
-            show_default=True,
-            help="Teacher under torchrun: replicate, fsdp (FSDP2 per decoder layer), or auto = fsdp only when the "
-            "memory plan does not fit with a replicated teacher.",
-        ),
-        click.option(
-            "--activation-checkpointing", is_flag=True, help="Recompute each block's activations in backward."
-        ),
-        click.option(
-            "--stream",
-            is_flag=True,
-            help="Read --data lazily (JSONL/Parquet files, a directory of them, or a HF dataset in streaming mode), "
-            "tokenize and pack on the fly; the data position is checkpointed and resumes exactly.",
-        ),
-        click.option(
-            "--stream-shards",
-            type=click.IntRange(min=1),
-            default=8,
-            show_default=True,
-            help="Virtual shards of the stream: each rank reads its own; the number of processes must divide it.",
-        ),
-    ]
-    for opt in reversed(options):
-        fn = opt(fn)
-    return fn
+_quiet_hf, _one_line_errors = quiet_hf, one_line_errors  # older names
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """What every `llamba distill` command reads (stage-only options: the stage records' option classes)."""
+
+    teacher: str = option("default", "'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF directory "
+                                     "or hub name.")
+    data: str | None = option(None, "default: CPython's language reference (offline); 'teacher[:N]' for teacher "
+                                    "samples; a .txt/.jsonl/.parquet file or directory; or a HF dataset name.")
+    text_field: str = option("text", "Field holding the text in JSONL/Parquet.")
+    out: str = option("runs/distill", "Run directory (re-run the same command to resume; another teacher, data or "
+                                      "setting is refused).")
+    tokens: int | None = option(None, "Token budget (all: the total, split 3.75/33.75/62.5% over the stages).",
+                                low=1)
+    seq_len: int | None = option(None, f"Sequence length (default per stage: {DEFAULT_SEQ_LEN}).", low=2)
+    batch_size: int | None = option(None, f"Sequences per micro-batch ({StageSpec.batch_size}).", low=1)
+    grad_accum: int | None = option(None, f"Micro-batches per step ({StageSpec.grad_accum}).", low=1)
+    lr: float | None = option(None, f"Peak LR of the WSD schedule (default per stage: {DEFAULT_LR}).", low=0,
+                              low_open=True)
+    seed: int = option(StageSpec.seed, "Seed of the student init and the batch order.")
+    init: str = option("llamba", "Mixer init of the student (stage 1 start).", choices=INIT_CHOICES)
+    precision: str = option(StageSpec.precision, "auto = bf16 on a GPU that supports it (FSDP2: bf16 params/compute, "
+                            "fp32 master weights and reductions; DDP / one process: bf16 autocast), fp32 on CPU; fp32 "
+                            "turns both off.", choices=PRECISIONS)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    ckpt_every: float = option(120.0, "Seconds between resumable checkpoints.", low=0)
+    no_progress: bool = option(False, "No progress bar.")
+    strategy: str = option("auto", "Student data parallelism under torchrun: auto = FSDP2 with >1 process, none "
+                                   "with 1; ddp replicates (whole-model stages: the model, per-block stages: each "
+                                   "block).", choices=STRATEGIES)
+    teacher_strategy: str = option("auto", "Teacher under torchrun: replicate, fsdp (FSDP2 per decoder layer), or "
+                                           "auto = fsdp only when the memory plan does not fit with a replicated "
+                                           "teacher.", choices=TEACHER_STRATEGIES)
+    activation_checkpointing: bool = option(False, "Recompute each block's activations in backward.")
+    stream: bool = option(False, "Read --data lazily (JSONL/Parquet files, a directory of them, or a HF dataset in "
+                                 "streaming mode), tokenize and pack on the fly; the data position is checkpointed "
+                                 "and resumes exactly.")
+    stream_shards: int = option(StageSpec.stream_shards, "Virtual shards of the stream: each rank reads its own; "
+                                "the number of processes must divide it.", low=1)
+
+    SPEC_FIELDS = ("seq_len", "batch_size", "grad_accum", "lr", "seed", "precision", "stream", "stream_shards")
+
+    def run_kwargs(self, *stage_options) -> dict:
+        """Keyword arguments of distill.run.distill_stage / distill_all (less the command's own)."""
+        spec = {k: getattr(self, k) for k in self.SPEC_FIELDS if getattr(self, k) is not None}
+        for opts in stage_options:
+            spec.update(dataclasses.asdict(opts))
+        return dict(teacher=self.teacher, out=self.out, data=self.data, init=self.init, device=self.device,
+                    text_field=self.text_field, progress=not self.no_progress, ckpt_every_s=self.ckpt_every,
+                    strategy=self.strategy, teacher_strategy=self.teacher_strategy,
+                    activation_checkpointing=self.activation_checkpointing, **spec)
 
 
 def _is_main_process() -> bool:
@@ -174,42 +102,6 @@ def _is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
-
-
-def _run_kwargs(o: dict) -> dict:
-    """The options every `distill` command passes to distill.run the same way."""
-    return dict(
-        teacher=o["teacher"],
-        out=o["out"],
-        data=o["data"],
-        init=o["init"],
-        device=o["device"],
-        text_field=o["text_field"],
-        progress=not o["no_progress"],
-        ckpt_every_s=o["ckpt_every"],
-        strategy=o["strategy"],
-        teacher_strategy=o["teacher_strategy"],
-        activation_checkpointing=o["activation_checkpointing"],
-        **_spec_kwargs(o),
-    )
-
-
-def _spec_kwargs(o: dict) -> dict:
-    keys = (
-        "seq_len",
-        "batch_size",
-        "grad_accum",
-        "lr",
-        "seed",
-        "precision",
-        "temperature",
-        "hard_weight",
-        "freeze_mlp",
-        "mixer_only",
-        "stream",
-        "stream_shards",
-    )
-    return {k: o[k] for k in keys if o.get(k) is not None}
 
 
 def _print_eval(ev: dict, title: str = "held-out evaluation") -> None:
@@ -248,45 +140,40 @@ def distill() -> None:
 
 
 def _make_stage_command(stage: int):
-    @common_options
+    record = STAGES[stage]
+
+    @click_options(RunOptions, record.options)
     @click.option(
         "--init-from",
         type=click.Path(exists=True, file_okay=False),
         default=None,
         help="Start from this Llamba checkpoint instead of the run's previous stage / init.",
     )
-    @_one_line_errors
-    def command(**o):
-        _quiet_hf()
+    @one_line_errors
+    def command(init_from, **o):
+        quiet_hf()
         from llamba.distill.run import distill_stage
 
-        summary = distill_stage(
-            stage,
-            tokens=o["tokens"],
-            init_from=o["init_from"],
-            **_run_kwargs(o),
-        )
-        if not _is_main_process():
+        run = pick(RunOptions, o)
+        summary = distill_stage(stage, tokens=run.tokens, init_from=init_from,
+                                **run.run_kwargs(pick(record.options, o)))
+        if not _is_main_process() or summary.get("already_done"):  # distill_stage said so in one line
             return
         click.echo(
             f"stage {stage}: {summary['tokens']} tokens, loss {summary['final_loss']:.4f}, "
-            f"{summary['tok_s']:.0f} tok/s -> {o['out']}/stage{stage}"
+            f"{summary['tok_s']:.0f} tok/s -> {run.out}/stage{stage}"
         )
 
-    command.__doc__ = {
-        1: "Stage 1: matrix orientation.",
-        2: "Stage 2: hidden-state alignment.",
-        3: "Stage 3: end-to-end knowledge distillation.",
-    }[stage]
+    command.__doc__ = f"Stage {stage}: {record.name}."
     return click.command(name=f"stage{stage}")(command)
 
 
-for _k in (1, 2, 3):
+for _k in STAGES:
     distill.add_command(_make_stage_command(_k))
 
 
 @distill.command(name="all")
-@common_options
+@click_options(RunOptions, *(s.options for s in STAGES.values()))
 @click.option(
     "--eval-tokens",
     type=click.IntRange(min=2),
@@ -294,25 +181,26 @@ for _k in (1, 2, 3):
     show_default=True,
     help="Held-out tokens for the final teacher vs student comparison.",
 )
-@_one_line_errors
-def all_cmd(**o):
-    """Init, stages 1-3 and the held-out evaluation, resumable (the README's main job)."""
-    _quiet_hf()
+@one_line_errors
+def all_cmd(eval_tokens, **o):
+    """Init, every stage in order and the held-out evaluation, resumable (the README's main job)."""
+    quiet_hf()
     from llamba.distill.run import DEFAULT_TOTAL_TOKENS, distill_all
 
-    result = distill_all(
-        tokens=o["tokens"] or DEFAULT_TOTAL_TOKENS,
-        eval_tokens=o["eval_tokens"],
-        **_run_kwargs(o),
-    )
+    run = pick(RunOptions, o)
+    result = distill_all(tokens=run.tokens or DEFAULT_TOTAL_TOKENS, eval_tokens=eval_tokens,
+                         **run.run_kwargs(*(pick(s.options, o) for s in STAGES.values())))
     if not _is_main_process():
         return
     init = result["init"]
+    if result.get("already_done"):
+        click.echo(f"this run had already finished: the results saved in {run.out} (use a new --out to train again)")
     click.echo(
-        f"after init ({o['init']}): student ppl {init['student_ppl']:.2f} vs teacher {init['teacher_ppl']:.2f}"
+        f"after init ({run.init}): student ppl {init['student_ppl']:.2f} vs teacher {init['teacher_ppl']:.2f}"
     )
     for k, s in result["stages"].items():
-        click.echo(f"stage {k}: {s['tokens']} tokens, loss {s['final_loss']:.4f}, {s['tok_s']:.0f} tok/s")
+        was = " (finished before)" if s.get("already_done") else ""
+        click.echo(f"stage {k}: {s['tokens']} tokens, loss {s['final_loss']:.4f}, {s['tok_s']:.0f} tok/s{was}")
     _print_eval(result["eval"])
 
 
@@ -329,12 +217,18 @@ def all_cmd(**o):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--stream", is_flag=True, help="Evaluate on the held-out documents of a `distill --stream` run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@_one_line_errors
+@one_line_errors
 def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, stream, as_json):
     """Teacher vs student: perplexity, mean KL, top-1 agreement, per-layer hidden-state error."""
-    _quiet_hf()
+    quiet_hf()
+    from pathlib import Path
+
     from llamba.distill.evaluate import evaluate
 
+    stage = Path(model)
+    if (stage / "spec.json").is_file() and not (stage / "DONE.json").is_file():
+        click.echo(f"warning: {stage} has no DONE.json: its stage did not finish, so these weights may be from "
+                   "an interrupted run; re-run the distill command to finish it", err=True)
     ev = evaluate(
         model,
         teacher=teacher,

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llamba.atomic import atomic_write
 from llamba.distill.teacher import cache_root
 from llamba.errors import LlambaError, one_line
 
@@ -229,12 +228,7 @@ def teacher_samples(
             )
         for row in out:
             docs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return docs
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llamba.atomic import recover_dir, replace_dir
+
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 TEACHER_STRATEGIES = ("auto", "replicate", "fsdp")
 
@@ -222,21 +224,14 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         dcp.save({"model": model_sd, "optim": optim_sd, "extra": extra or {}}, checkpoint_id=str(tmp))
     ctx.barrier()
     if ctx.is_main:
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)  # fsync, then path -> path.old, tmp -> path
     ctx.barrier()
 
 
 def recover_checkpoint(path: str | Path, ctx: DistContext) -> None:
     """A kill between save_sharded's two renames leaves only `path.old`: put it back (rank 0; all ranks wait)."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if ctx.is_main and not path.exists() and old.is_dir():
-        os.replace(old, path)
+    if ctx.is_main:
+        recover_dir(path)
     ctx.barrier()
 
 
@@ -258,9 +253,9 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def memory_plan(student: nn.Module, teacher: nn.Module | None, ctx: DistContext, strategy: str, seq_len: int,
                 micro_batch: int, activation_checkpointing: bool = False,
-                teacher_strategy: str = "replicate") -> dict[str, float]:
+                teacher_strategy: str = "replicate", stage_bytes: float = 0.0) -> dict[str, float]:
     """Bytes per rank (GiB): student params, gradients, AdamW state (2 fp32 moments), teacher (its dtype, 1/N of
-    it when sharded), activations.
+    it when sharded), activations, and `stage_bytes` (the stage record's own estimate).
 
     Activations are estimated as ~34 * d * tokens bytes per block without checkpointing (a Llama-block rule of
     thumb, fp32) and one block's worth plus the residual streams with it."""
@@ -283,6 +278,8 @@ def memory_plan(student: nn.Module, teacher: nn.Module | None, ctx: DistContext,
         "teacher": teacher_bytes / gib,
         "activations": acts / gib,
     }
+    if stage_bytes:  # what the stage itself holds at once (stage 1: one layer's l x l attention maps)
+        plan["stage extra"] = stage_bytes / gib
     plan["total"] = sum(plan.values())
     return plan
 

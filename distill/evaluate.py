@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llamba.checkpoints import load_model
 from llamba.distill.data import load_documents, pack, split_documents
-from llamba.distill.teacher import teacher_residuals
+from llamba.distill.teacher import get_teacher, resolve_device, teacher_residuals
 
 
 @torch.no_grad()
@@ -31,16 +32,15 @@ def evaluate_tokens(
     for start in range(0, ids.shape[0], batch_size):
         x = ids[start : start + batch_size]
         t = teacher_residuals(teacher_model, x)
-        h = student.backbone.embedding(x)
+        s = student(x, return_residuals=True)
         for i, block in enumerate(student.backbone.layers):
             target = t["resid"][i + 1].float()
-            h, _, _ = block(h)
-            diff_st[i] += (h.float() - target).pow(2).sum().item()
+            diff_st[i] += (s.residuals[i + 1].float() - target).pow(2).sum().item()
             ref[i] += target.pow(2).sum().item()
-            if per_layer:
+            if per_layer:  # student block i on the teacher's stream
                 pred, _, _ = block(t["resid"][i])
                 diff_tf[i] += (pred.float() - target).pow(2).sum().item()
-        s_logits = student.lm_head(student.backbone.final_layernorm(h)).float()
+        s_logits = s.logits
         t_logits = t["logits"]
         targets = x[:, 1:].reshape(-1)
         nll_s += F.cross_entropy(
@@ -99,9 +99,6 @@ def evaluate(
     (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used; `stream`: the
     held-out documents of a `--stream` run). Evaluates on up to max_tokens held-out tokens in rows of seq_len.
     Returns the metrics dict of `evaluate_tokens`."""
-    from llamba.checkpoints import load_model
-    from llamba.distill.run import get_teacher, resolve_device
-
     dev = resolve_device(device)
     t = get_teacher(teacher, dev)
     student = load_model(model, device=dev) if isinstance(model, (str, Path)) else model.to(dev)
@@ -109,6 +106,12 @@ def evaluate(
         raise ValueError(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size "
             f"{t.model.config.vocab_size}: they were not distilled from each other"
+        )
+    t_layers = t.model.config.num_hidden_layers
+    if student.config.n_layer != t_layers:
+        raise ValueError(
+            f"student has {student.config.n_layer} layers but the teacher has {t_layers}: they were not "
+            "distilled from each other; pass the --teacher the student was distilled from"
         )
     held = heldout_rows(t, seq_len, data, text_field, docs, stream)
     n = max(1, min(held.shape[0], max_tokens // seq_len))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from llamba.atomic import atomic_write  # noqa: E402
 
 
 def plot_stage(metrics: list[dict], path: Path, title: str) -> None:
@@ -31,7 +34,7 @@ def plot_stage(metrics: list[dict], path: Path, title: str) -> None:
         ax.set_title("per-layer loss")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, buf.getvalue())

@@ -1,5 +1,10 @@
 """The three MOHAWK stages (reference §4): what each one trains and how it computes its loss on one batch.
 
+`STAGES` is the one registry of stages: each `Stage` record names its defaults (LR, token share, sequence length),
+which parameters it trains, whether the loop hands its step the student's blocks or the whole model, its step
+function and the StageSpec fields only it uses. run.py and the CLI read everything from it, so adding a stage is
+one record plus its step function (and its test); see docs/extending.md.
+
 Every stage reads the teacher through its own forward (hooks, teacher.py); the training loop shared by all three
 lives in run.py. A `StageSpec` holds every setting of one stage and is stored beside its checkpoints.
 """
@@ -8,20 +13,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss
+from llamba.distill.options import option
 from llamba.distill.teacher import AttentionMaps, teacher_residuals
 
-# Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B.
-DEFAULT_LR = {1: 1e-4, 2: 1e-4, 3: 5e-5}
-TOKEN_SHARE = {1: 0.3 / 8.0, 2: 2.7 / 8.0, 3: 5.0 / 8.0}
-# Stage 1 compares l x l maps per head: short sequences keep it cheap.
-DEFAULT_SEQ_LEN = {1: 64, 2: 256, 3: 256}
-DEFAULT_BATCH = {1: 4, 2: 4, 3: 4}
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+# The options only one stage reads (its command's --help shows them; `distill all` shows every stage's). Their
+# defaults are the StageSpec defaults below.
+@dataclasses.dataclass
+class Stage1Options:
+    pass
+
+
+@dataclasses.dataclass
+class Stage2Options:
+    mixer_only: bool = option(False, "Stage 2: align the mixer output to the attention output.")
+
+
+@dataclasses.dataclass
+class Stage3Options:
+    temperature: float = option(1.0, "Stage 3 KD temperature.", low=0, low_open=True)
+    hard_weight: float = option(0.0, "Stage 3 weight of the hard-label CE.", low=0)
+    freeze_mlp: bool = option(False, "Stage 3: freeze MLPs (MOHAWK/Phi-Mamba variant).")
+
+
+def _default(cls, name: str):
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
 @dataclasses.dataclass
@@ -39,12 +64,38 @@ class StageSpec:
     clip: float = 1.0
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | bf16 | fp32
-    temperature: float = 1.0  # stage 3
-    hard_weight: float = 0.0  # stage 3
-    freeze_mlp: bool = False  # stage 3
-    mixer_only: bool = False  # stage 2
+    temperature: float = _default(Stage3Options, "temperature")
+    hard_weight: float = _default(Stage3Options, "hard_weight")
+    freeze_mlp: bool = _default(Stage3Options, "freeze_mlp")
+    mixer_only: bool = _default(Stage2Options, "mixer_only")
     stream: bool = False  # read --data lazily (distill/stream.py) instead of packing it in memory
     stream_shards: int = 8  # virtual shards of the stream; the number of processes must divide it
+
+    def __post_init__(self) -> None:
+        """Refuse settings no run can use, one line naming the option (nan and inf included)."""
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
+        for name in ("lr", "temperature", "clip"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+        for name in ("hard_weight", "weight_decay", "warmup", "decay"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if self.warmup + self.decay > 1:
+            raise ValueError(f"warmup + decay must be <= 1 (fractions of the steps), got {self.warmup + self.decay}")
+        for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("stream_shards", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        if self.tokens_per_step > 2 * self.tokens:  # a run does at most twice its budget (one rounded-up step)
+            raise ValueError(
+                f"stage {self.stage}: its budget of {self.tokens} tokens is less than half of one optimizer step "
+                f"({self.tokens_per_step} tokens = --seq-len {self.seq_len} x --batch-size {self.batch_size} x "
+                f"--grad-accum {self.grad_accum}); raise --tokens or lower --batch-size / --seq-len")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -67,20 +118,18 @@ class StageSpec:
 
 
 def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
-    fields = dict(
-        stage=stage,
-        tokens=tokens,
-        seq_len=DEFAULT_SEQ_LEN[stage],
-        batch_size=DEFAULT_BATCH[stage],
-        lr=DEFAULT_LR[stage],
-    )
+    """The StageSpec of `stage` with its registry defaults, then every override that is not None."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
+    record = STAGES[stage]
+    fields = dict(stage=stage, tokens=tokens, seq_len=record.seq_len, batch_size=record.batch_size, lr=record.lr)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return StageSpec(**fields)
 
 
 def split_budget(total_tokens: int) -> dict[int, int]:
-    """A total token budget split over the stages in the Llamba-1B proportions (3.75% / 33.75% / 62.5%)."""
-    return {k: max(1, int(total_tokens * share)) for k, share in TOKEN_SHARE.items()}
+    """A total token budget split over the stages by their token shares (Llamba-1B: 3.75% / 33.75% / 62.5%)."""
+    return {k: max(1, int(total_tokens * s.token_share)) for k, s in STAGES.items()}
 
 
 def autocast_context(spec: StageSpec, device: torch.device):
@@ -99,23 +148,12 @@ def trainable_parameters(student: nn.Module, spec: StageSpec) -> list[tuple[str,
     """Stage 1: mixers + their input norms, less out_proj and z_bias (the mixing matrix does not involve them,
     so they would get no gradient; DDP needs one for every trainable parameter). Stage 2: whole blocks (mixer +
     input norm with --mixer-only). Stage 3: everything; MLPs frozen with --freeze-mlp (MOHAWK/Phi-Mamba),
-    trained by default (Llamba)."""
-
-    def wanted(name: str) -> bool:
-        in_block = name.startswith("backbone.layers.")
-        if spec.stage == 1:
-            return in_block and (".mixer." in name or ".input_layernorm." in name) and not (
-                ".mixer.out_proj." in name or name.endswith(".mixer.z_bias"))
-        if spec.stage == 2 and spec.mixer_only:
-            return in_block and (".mixer." in name or ".input_layernorm." in name)
-        if spec.stage == 2:
-            return in_block
-        return not (spec.freeze_mlp and ".mlp." in name)
-
+    trained by default (Llamba); the rule is the stage record's `trains`."""
+    wanted = STAGES[spec.stage].trains
     student.requires_grad_(False)
     chosen = []
     for name, p in student.named_parameters():  # tied lm_head/embedding appear once
-        if wanted(name):
+        if wanted(name, spec):
             p.requires_grad_(True)
             chosen.append((name, p))
     return chosen
@@ -142,9 +180,8 @@ def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossS
 
     def step(ids: torch.Tensor, scale: float):  # ids: (b, l)
         resid = teacher_residuals(teacher, ids)["resid"]
-        maps = AttentionMaps(teacher, ids)
         per_layer = []
-        try:
+        with AttentionMaps(teacher, ids) as maps:
             for i, block in enumerate(blocks):
                 attn = maps(i, resid[i])  # (b, heads, l, l)
                 with autocast_context(spec, device):
@@ -153,8 +190,6 @@ def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossS
                 (loss * scale).backward()
                 per_layer.append(loss.item())
                 del attn, matrix, loss
-        finally:
-            maps.close()
         return sum(per_layer) / len(per_layer), per_layer
 
     return step
@@ -195,4 +230,71 @@ def stage3_step(student, teacher, spec: StageSpec, device: torch.device) -> Loss
     return step
 
 
-STAGE_STEPS = {1: stage1_step, 2: stage2_step, 3: stage3_step}
+# --------------------------------------------------------------------------------------------------
+# What each stage trains (parameter names of LlambaForCausalLM)
+# --------------------------------------------------------------------------------------------------
+def _in_block(name: str) -> bool:
+    return name.startswith("backbone.layers.")
+
+
+def _trains_stage1(name: str, spec: StageSpec) -> bool:
+    return _in_block(name) and (".mixer." in name or ".input_layernorm." in name) and not (
+        ".mixer.out_proj." in name or name.endswith(".mixer.z_bias"))
+
+
+def _trains_stage2(name: str, spec: StageSpec) -> bool:
+    if spec.mixer_only:
+        return _in_block(name) and (".mixer." in name or ".input_layernorm." in name)
+    return _in_block(name)
+
+
+def _trains_stage3(name: str, spec: StageSpec) -> bool:
+    return not (spec.freeze_mlp and ".mlp." in name)
+
+
+def _stage1_memory(spec: StageSpec, teacher_config, world_size: int) -> float:
+    """One layer's l x l maps at a time, fp32, per query head: the teacher's maps, the student's mixing matrix, its
+    gradient and the loss's temporary (4 of them), for this rank's rows of a micro-batch."""
+    rows = max(1, spec.batch_size // world_size)
+    return 4 * 4 * rows * teacher_config.num_attention_heads * spec.seq_len**2
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    number: int
+    name: str  # the CLI sub-command is f"stage{number}"; `name` is its one-line description
+    lr: float  # default peak LR
+    token_share: float  # of `distill all --tokens`
+    seq_len: int
+    batch_size: int
+    trains: Callable[[str, StageSpec], bool]  # parameter name -> trained in this stage
+    per_block: bool  # the step gets the student's blocks (True) or the whole model (False)
+    step: Callable[..., LossStep]  # (blocks | model, teacher, spec, device) -> LossStep
+    options: type = Stage1Options  # dataclass of the StageSpec fields only this stage reads (its CLI options)
+    memory: Callable[[StageSpec, object, int], float] | None = None  # (spec, teacher config, ranks) -> bytes
+
+    def extra_bytes(self, spec: StageSpec, teacher_config, world_size: int = 1) -> float:
+        """Per-rank bytes this stage holds beyond the generic plan (0 when it has no estimate)."""
+        return float(self.memory(spec, teacher_config, world_size)) if self.memory else 0.0
+
+
+# Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B. Stage 1 compares
+# l x l maps per head: short sequences keep it cheap.
+STAGES: dict[int, Stage] = {
+    1: Stage(1, "matrix orientation", 1e-4, 0.3 / 8.0, 64, 4, _trains_stage1, True, stage1_step, Stage1Options,
+             _stage1_memory),
+    2: Stage(2, "hidden-state alignment", 1e-4, 2.7 / 8.0, 256, 4, _trains_stage2, True, stage2_step,
+             Stage2Options),
+    3: Stage(3, "end-to-end knowledge distillation", 5e-5, 5.0 / 8.0, 256, 4, _trains_stage3, False, stage3_step,
+             Stage3Options),
+}
+
+# Views of the registry (kept for readers of the old per-stage dicts).
+DEFAULT_LR = {k: s.lr for k, s in STAGES.items()}
+TOKEN_SHARE = {k: s.token_share for k, s in STAGES.items()}
+DEFAULT_SEQ_LEN = {k: s.seq_len for k, s in STAGES.items()}
+DEFAULT_BATCH = {k: s.batch_size for k, s in STAGES.items()}
+STAGE_STEPS = {k: s.step for k, s in STAGES.items()}

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from llamba.atomic import atomic_dir
 from llamba.embedded import EmbeddedTeacherMissing
 from llamba.embedded import embedded_gguf as _embedded_gguf
 
@@ -52,18 +52,10 @@ def _check_llama(config, source: str) -> None:
 
 
 def _atomic_save(model, tokenizer, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
+    """Save into a temporary sibling, then rename; if another process finished first, keep theirs."""
+    with atomic_dir(dest, mode="keep") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
@@ -145,6 +137,31 @@ def load_teacher(spec: str | Path | None = DEFAULT_TEACHER, dtype: torch.dtype =
     return model, tokenizer
 
 
+@dataclass
+class Teacher:
+    """A loaded teacher: the frozen model, its tokenizer and the spec it was loaded from (recorded in run.json)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def get_teacher(teacher, device: torch.device, dtype: torch.dtype = torch.float32) -> Teacher:
+    """teacher: a Teacher (returned as is), a (model, tokenizer) pair, or a spec for `load_teacher`."""
+    if isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, tuple):
+        return Teacher(teacher[0].to(device), teacher[1], "given")
+    model, tokenizer = load_teacher(teacher, dtype)
+    return Teacher(model.to(device), tokenizer, str(teacher))
+
+
 # --------------------------------------------------------------------------------------------------
 # What the stages read from the teacher
 # --------------------------------------------------------------------------------------------------
@@ -194,24 +211,34 @@ def teacher_residuals(teacher: nn.Module, input_ids: torch.Tensor, with_attn_out
 class AttentionMaps:
     """The teacher's post-softmax attention of one layer at a time, (b, heads, l, l) per *query* head (GQA
     expanded by the teacher's own repeat_kv), computed by calling that layer's self_attn in eager mode on the
-    given residual stream. Only one layer's maps exist at once."""
+    given residual stream. Only one layer's maps exist at once. A context manager: the (shared) teacher is in
+    eager attention inside the `with` block and back on sdpa after it, whatever happens inside.
+
+        with AttentionMaps(teacher, ids) as maps:
+            attn = maps(i, resid[i])"""
 
     def __init__(self, teacher: nn.Module, input_ids: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask
-
         self.teacher = teacher
         b, l = input_ids.shape
         self.pos = torch.arange(l, device=input_ids.device)[None].expand(b, l)
         probe = torch.zeros(b, l, teacher.config.hidden_size, dtype=teacher.dtype, device=input_ids.device)
         self.cos_sin = teacher.model.rotary_emb(probe, position_ids=self.pos)
-        teacher.set_attn_implementation("eager")
-        self.mask = create_causal_mask(
-            config=teacher.config,
-            inputs_embeds=probe,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=self.pos,
-        )
+        self.probe, self.mask = probe, None
+
+    def __enter__(self) -> AttentionMaps:
+        from transformers.masking_utils import create_causal_mask
+
+        self.teacher.set_attn_implementation("eager")  # the mask below is built for eager attention
+        try:
+            self.mask = create_causal_mask(config=self.teacher.config, inputs_embeds=self.probe,
+                                           attention_mask=None, past_key_values=None, position_ids=self.pos)
+        except BaseException:
+            self.teacher.set_attn_implementation("sdpa")
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.teacher.set_attn_implementation("sdpa")
 
     @torch.no_grad()
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -231,6 +258,3 @@ class AttentionMaps:
             if sharded:
                 layer.reshard()
         return weights.float()
-
-    def close(self) -> None:
-        self.teacher.set_attn_implementation("sdpa")

@@ -7,6 +7,9 @@ The output loads with `export.mlx_generate.load(dir)` and, unchanged, with mlx-l
     DIR/model.safetensors    weights renamed and reshaped by `mlx_llamba.sanitize`, metadata format=mlx
     DIR/mlx_llamba.py        the MLX model (exec'd by mlx-lm)
     DIR/tokenizer*.json, chat_template.jinja ...   from the checkpoint, else the embedded SmolLM2 teacher's
+
+DIR appears at once, complete (written into a temporary sibling, then renamed), so a killed export leaves nothing
+that looks finished.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+from llamba.atomic import atomic_dir
 from llamba.embedded import EmbeddedTeacherMissing, embedded_gguf
 from llamba.errors import LlambaError
 
@@ -169,11 +173,27 @@ def _convert(model_path: Path, out: Path, q_bits: int | None, q_group_size: int,
         quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         mlx_config |= {"quantization": quant, "quantization_config": quant}
 
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
-    (out / "config.json").write_text(json.dumps(mlx_config, indent=2) + "\n")
-    shutil.copyfile(Path(mlx_llamba.__file__), out / MODEL_FILE)
-    tok.save_pretrained(out)
-    if tok.chat_template and not (out / "chat_template.jinja").exists():
-        (out / "chat_template.jinja").write_text(tok.chat_template)
+    # Everything goes into a temporary sibling that is renamed to `out` at the end (llamba.atomic): a kill
+    # mid-export leaves no `out` (only the temporary, removed by the next export), never a half directory.
+    for stale in out.parent.glob(f".{out.name}.tmp-*") if out.parent.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        with atomic_dir(out) as tmp:
+            mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                                metadata={"format": "mlx"})
+            (tmp / "config.json").write_text(json.dumps(mlx_config, indent=2) + "\n")
+            shutil.copyfile(Path(mlx_llamba.__file__), tmp / MODEL_FILE)
+            tok.save_pretrained(tmp)
+            if tok.chat_template and not (tmp / "chat_template.jinja").exists():
+                (tmp / "chat_template.jinja").write_text(tok.chat_template)
+    except (NotADirectoryError, PermissionError, FileNotFoundError) as e:
+        raise ExportError(f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
+                          "choose a writable directory path") from None
     return out
+
+
+def export_complete(out_dir: str | Path) -> bool:
+    """True when out_dir is a finished export (every file convert() writes is there)."""
+    out = Path(out_dir)
+    return all((out / f).is_file() for f in ("config.json", "model.safetensors", MODEL_FILE)) and (
+        (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file())

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from llamba.atomic import atomic_dir, atomic_write
 from llamba.config import ConfigError, LlambaConfig
 from llamba.errors import LlambaError, one_line
 from llamba.model import LlambaForCausalLM, register_auto_classes  # noqa: F401  (re-exported)
@@ -161,27 +159,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
 
 
 def atomic_save(model: LlambaForCausalLM, out_dir: str | Path, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """save_pretrained into a temporary sibling, then rename: a crash never leaves a half-written checkpoint.
-    extra_files: {name: JSON-serializable} written beside the weights."""
+    """save_pretrained into a temporary sibling, then rename (llamba.atomic): a crash never leaves a half-written
+    checkpoint. extra_files: {name: JSON-serializable} written beside the weights."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -238,9 +224,7 @@ def record_distillation(path: str | Path, teacher: str | None = None, tokens: in
     config, _ = read_config(path)
     config.distillation = info
     for name, text in (("config.json", json.dumps(raw, indent=2) + "\n"), ("README.md", model_card(config))):
-        tmp = path / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path / name)
+        atomic_write(path / name, text)
 
 
 def save_cartesia(model: LlambaForCausalLM, out_dir: str | Path) -> Path:

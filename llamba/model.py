@@ -96,6 +96,9 @@ class LlambaOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layer + 1 residual streams, like HF Llama
     state: LlambaState | None = None
     cache: LlambaState | None = None  # the same state, under the name transformers' generate reads back
+    # return_residuals: n_layer + 1 residual streams (b, l, d), all before the final norm (entry i is the input of
+    # layer i), the layout of distill.teacher.teacher_residuals' "resid"
+    residuals: tuple[torch.Tensor, ...] | None = None
 
 
 class LlambaPreTrainedModel(PreTrainedModel):
@@ -151,13 +154,14 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
                 state: LlambaState | None = None, output_hidden_states: bool = False, num_last_tokens: int = 0,
                 attention_mask: torch.Tensor | None = None, cache: LlambaState | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
-                **_ignored) -> LlambaOutput:
+                return_residuals: bool = False, **_ignored) -> LlambaOutput:
         """input_ids: (b, l) (or inputs_embeds: (b, l, d)). With `state` (alias `cache`), continues from it
         (prefill / multi-turn) and updates it in place; use_cache=True without one starts a new state.
         attention_mask: (b, t >= l) 1 = token, 0 = padding; its last l columns mask this call's tokens, and
         padded positions leave the state unchanged (left padding gives the unpadded result).
         labels: (b, l), shifted inside, -100 ignored. num_last_tokens (alias logits_to_keep) > 0 computes only
-        the last logits."""
+        the last logits. return_residuals: also return every residual stream before the final norm
+        (`residuals`)."""
         state = state if state is not None else cache
         h = self.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         if state is None and use_cache:
@@ -166,12 +170,15 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             mask = attention_mask[:, -h.shape[1]:]
         hidden = [h] if output_hidden_states else None
+        resid = [h] if return_residuals else None
         for i, block in enumerate(self.backbone.layers):
             h, new_state, _ = block(h, state.layer(i) if state is not None else None, mask=mask)
             if state is not None:
                 state.update(i, new_state)
             if output_hidden_states:
                 hidden.append(h)
+            if return_residuals:
+                resid.append(h)
         h = self.backbone.final_layernorm(h)
         if output_hidden_states:
             hidden[-1] = h  # HF convention: the last entry is after the final norm
@@ -186,7 +193,7 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
         return LlambaOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None, state=state,
-                            cache=state)
+                            cache=state, residuals=tuple(resid) if resid else None)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: LlambaState | None = None,
                                       attention_mask: torch.Tensor | None = None, **kwargs) -> dict:

@@ -224,3 +224,22 @@ def test_fused_rmsnorm_matches_reference_formula():
     x = torch.randn(3, 5, 24, generator=gen)
     ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     torch.testing.assert_close(norm(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_return_residuals_are_the_streams_before_the_final_norm(tiny_config):
+    from llamba.model import LlambaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlambaForCausalLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 11))
+    out = model(ids, return_residuals=True, output_hidden_states=True)
+    h = model.backbone.embedding(ids)
+    expected = [h]
+    for block in model.backbone.layers:  # the forward written out by hand, once, here
+        h, _, _ = block(h)
+        expected.append(h)
+    assert len(out.residuals) == tiny_config.n_layer + 1
+    for a, b in zip(out.residuals, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.logits, model.lm_head(model.backbone.final_layernorm(h)).float())
+    assert model(ids).residuals is None
