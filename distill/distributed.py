@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llamba.atomic import recover_dir, replace_dir
+from llamba.devices import resolve_device
 
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 TEACHER_STRATEGIES = ("auto", "replicate", "fsdp")
@@ -55,7 +56,7 @@ class DistContext:
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():

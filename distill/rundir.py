@@ -112,6 +112,8 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"--out {self.root} is a file, not a run directory; choose another --out")
 
     @property
     def run_file(self) -> Path:

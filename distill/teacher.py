@@ -147,9 +147,10 @@ class Teacher:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """--device -> torch.device, checked against this machine (one-line DeviceError otherwise)."""
+    from llamba.devices import resolve_device as checked
+
+    return checked(device)
 
 
 def get_teacher(teacher, device: torch.device, dtype: torch.dtype = torch.float32) -> Teacher:

@@ -87,13 +87,8 @@ def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = No
         raise ExportError(str(e)) from None
     if q_bits is not None:
         check_group_size(config, q_group_size)
-    created = prepare_out(out)
-    try:
-        return _convert(model_path, out, q_bits, q_group_size, dtype, tokenizer)
-    except BaseException:
-        if created is not None:  # leave no half-made --out behind: a re-run must not find it "not empty"
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+    check_out(out)
+    return _convert(model_path, out, q_bits, q_group_size, dtype, tokenizer)
 
 
 def quantized_widths(config) -> dict[str, int]:
@@ -114,9 +109,9 @@ def check_group_size(config, group_size: int) -> None:
                           f"({names}); {fix}")
 
 
-def prepare_out(out: Path) -> Path | None:
-    """Check that --out can be a new directory and create it; returns the topmost directory created (None if
-    --out existed, empty), so a failed export can remove what it made."""
+def check_out(out: Path) -> None:
+    """Check that --out can become the export directory before any work: it is new or an empty directory, and
+    can be created (probed by creating and removing it; the export itself is written by `atomic_dir`)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; choose a new directory")
     if out.is_dir():
@@ -125,7 +120,7 @@ def prepare_out(out: Path) -> Path | None:
                               "re-run")
         if any(out.iterdir()):
             raise ExportError(f"--out {out} exists and is not empty; choose a new --out (or delete it)")
-        return None
+        return
     top = out
     while not top.parent.exists():
         top = top.parent
@@ -136,7 +131,7 @@ def prepare_out(out: Path) -> Path | None:
     except OSError as e:
         raise ExportError(f"--out {out} cannot be created ({(e.strerror or type(e).__name__).lower()}); "
                           "choose a writable directory") from None
-    return top
+    shutil.rmtree(top)
 
 
 def _convert(model_path: Path, out: Path, q_bits: int | None, q_group_size: int, dtype: str,
