@@ -24,7 +24,6 @@ from llamba.distill.testing import tiny_corpus, write_tiny_teacher
 from llamba.errors import UNEXPECTED
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Fixtures: one tiny finished run, one tiny student checkpoint and its MLX export, bad files of every kind
 # --------------------------------------------------------------------------------------------------
