@@ -163,6 +163,12 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         the last logits. return_residuals: also return every residual stream before the final norm
         (`residuals`)."""
         state = state if state is not None else cache
+        if (state is not None and inputs_embeds is None and input_ids.shape[1] == 1 and labels is None
+                and not output_hidden_states and not torch.is_grad_enabled()
+                and (attention_mask is None or bool(attention_mask[:, -1].all()))):
+            # One new token on a state (generate's decode steps): the O(1) recurrent step, as llamba.generate.
+            logits = self.step(input_ids[:, 0], state)[:, None]
+            return LlambaOutput(logits=logits, state=state, cache=state)
         h = self.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         if state is None and use_cache:
             state = self.alloc_state(h.shape[0])

@@ -73,3 +73,18 @@ def test_repetition_penalty_option_reaches_the_sampler(tmp_path):
     assert plain.stdout != penalized.stdout
     bad = runner.invoke(generate_cmd, args + ["--repetition-penalty", "0"])
     assert bad.exit_code == 2 and "repetition-penalty" in bad.output
+
+
+@pytest.mark.parametrize("order", ["llamba first", "transformers first", "base classes after llamba"])
+def test_auto_classes_know_llamba_in_any_import_order(tmp_path, order):
+    """The lazy package still registers model_type 'llamba' with the Auto classes (post-import hook)."""
+    make_checkpoint(tmp_path / "m")
+    first = {"llamba first": "import llamba\nfrom transformers import AutoModelForCausalLM",
+             "transformers first": "from transformers import AutoModelForCausalLM\nimport llamba",
+             "base classes after llamba": "import llamba\nfrom transformers import PreTrainedModel\n"
+                                          "from transformers import AutoModelForCausalLM"}[order]
+    probe = (f"{first}\nm = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
+             "print(type(m).__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("llamba.model")

@@ -28,7 +28,7 @@ def test_greedy_generate_equals_llamba_generate_token_for_token(model):
 def test_only_new_tokens_are_fed_after_the_prompt(model):
     ids = prompt(2, length=17)
     seen = []
-    hook = model.backbone.embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    hook = model.backbone.embedding.register_forward_hook(lambda mod, args, out: seen.append(args[0].numel()))
     try:
         model.generate(ids, max_new_tokens=8, do_sample=False)
     finally:
