@@ -13,7 +13,8 @@ Conventions follow mamba_ssm's `ssd_minimal_discrete`:
 Paths
 - `ssd_recurrent`: a plain loop over t; the slow ground truth.
 - `ssd_chunked`: the SSD block decomposition (intra-chunk quadratic form + inter-chunk state passing);
-  any length, any chunk size, differentiable. The default on CPU.
+  any length, any chunk size, differentiable. The default on CPU; `use_compile()` (or LLAMBA_COMPILE=1) runs
+  it through torch.compile, with the eager scan as the fallback when compiling fails.
 - `ssd_step`: one token, O(1) in the context length (decoding).
 - `materialize_mixer`: the (b, h, l, l) matrix M with y = M @ x (stage 1 of MOHAWK).
 - `causal_conv1d`, `causal_conv1d_step`: the depthwise causal conv with a carried state.
