@@ -55,6 +55,7 @@ from llamba.distill.stages import (
 )
 from llamba.distill.stream import TokenStream, open_source
 from llamba.distill.teacher import load_teacher
+from llamba.distill.teacher_cache import epoch_pool
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
 DEFAULT_TOTAL_TOKENS = 24_000  # 12,000 took 11 min of training on the shared 2-core CPU (BENCHMARKS.md)
@@ -397,6 +398,8 @@ def distill_stage(
     t = get_teacher(teacher, dev, torch.bfloat16 if bf16_supported(dev) else torch.float32)
     tokens = tokens if tokens is not None else split_budget(DEFAULT_TOTAL_TOKENS)[stage]
     spec = default_spec(stage, tokens, **spec_overrides)
+    if spec.epochs > 1 and spec.stream:
+        raise RunError("--epochs > 1 cycles over an in-memory pool of rows; drop --stream or use --epochs 1")
     if spec.stream:
         source = open_source(data, text_field, t.model, t.tokenizer, docs)
         token_data = TokenStream(source, t.tokenizer, spec.seq_len, spec.stream_shards)
@@ -404,6 +407,8 @@ def distill_stage(
         if docs is None:
             docs = load_documents(data, text_field, t.model, t.tokenizer)
         token_data = build_token_data(docs, t.tokenizer, spec.seq_len)
+        if spec.epochs > 1:
+            token_data = epoch_pool(token_data, spec.tokens, spec.epochs, spec.seed)
     student = stage_start(out, stage, t, init, init_from, spec.seed, dev, ctx)
     return train_stage(spec, student, t, token_data, stage_dir, dev, progress, ckpt_every_s, stop_after, ctx,
                        strategy, activation_checkpointing, teacher_strategy)
@@ -424,11 +429,12 @@ def distill_all(
     strategy: str = "auto",
     activation_checkpointing: bool = False,
     teacher_strategy: str = "auto",
+    split: dict[int, float] | None = None,
     **spec_overrides,
 ) -> dict:
     """The main job: init -> stage 1 -> stage 2 -> stage 3 -> held-out evaluation, resumable at any point.
 
-    tokens: total budget, split 3.75% / 33.75% / 62.5% over the stages; spec_overrides apply to every stage and
+    tokens: total budget, split over the stages by `split` (default stages.TOKEN_SHARE); spec_overrides apply to every stage and
     stage_overrides = {k: {...}} to stage k only. Returns {"init": {...}, "stages": {k: summary},
     "eval": evaluate(...) dict, "out": str}; the evaluation is also written to RUN_DIR/eval.json."""
     from llamba.distill.evaluate import evaluate, evaluate_tokens, heldout_rows
@@ -440,7 +446,7 @@ def distill_all(
     t = get_teacher(teacher, dev, torch.bfloat16 if bf16_supported(dev) else torch.float32)
     stream = bool(spec_overrides.get("stream"))
     docs = None if stream else load_documents(data, text_field, t.model, t.tokenizer)
-    budget = split_budget(tokens)
+    budget = split_budget(tokens, split)
     seed = spec_overrides.get("seed") or 0
     result = {"out": str(out), "stages": {}}
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss
 from llamba.distill.teacher import AttentionMaps, teacher_residuals
+from llamba.distill.teacher_cache import TeacherStateCache
 
 # Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B.
 DEFAULT_LR = {1: 1e-4, 2: 1e-4, 3: 5e-5}
@@ -43,6 +44,7 @@ class StageSpec:
     hard_weight: float = 0.0  # stage 3
     freeze_mlp: bool = False  # stage 3
     mixer_only: bool = False  # stage 2
+    epochs: int = 1  # stage 2: passes over tokens / epochs distinct tokens, teacher states cached (teacher_cache.py)
     stream: bool = False  # read --data lazily (distill/stream.py) instead of packing it in memory
     stream_shards: int = 8  # virtual shards of the stream; the number of processes must divide it
 
@@ -78,9 +80,11 @@ def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
     return StageSpec(**fields)
 
 
-def split_budget(total_tokens: int) -> dict[int, int]:
-    """A total token budget split over the stages in the Llamba-1B proportions (3.75% / 33.75% / 62.5%)."""
-    return {k: max(1, int(total_tokens * share)) for k, share in TOKEN_SHARE.items()}
+def split_budget(total_tokens: int, share: dict[int, float] | None = None) -> dict[int, int]:
+    """A total token budget split over the stages by `share` (default TOKEN_SHARE); the shares are normalized."""
+    share = share or TOKEN_SHARE
+    norm = sum(share.values())
+    return {k: max(1, int(total_tokens * share.get(k, 0.0) / norm)) for k in (1, 2, 3)}
 
 
 def autocast_context(spec: StageSpec, device: torch.device):
@@ -162,10 +166,12 @@ def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossS
 
 def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossStep:
     """Hidden-state alignment. One teacher forward feeds every layer; layer i maps teacher hidden_states[i] to a
-    prediction of hidden_states[i+1] (or, with mixer_only, of the attention output)."""
+    prediction of hidden_states[i+1] (or, with mixer_only, of the attention output). With spec.epochs > 1 the
+    teacher's states of each row are computed once and kept in memory (bf16)."""
+    cache = TeacherStateCache(teacher, with_attn_out=spec.mixer_only) if spec.epochs > 1 else None
 
     def step(ids: torch.Tensor, scale: float):
-        out = teacher_residuals(teacher, ids, with_attn_out=spec.mixer_only)
+        out = cache(ids) if cache is not None else teacher_residuals(teacher, ids, with_attn_out=spec.mixer_only)
         per_layer = []
         for i, block in enumerate(blocks):
             with autocast_context(spec, device):
