@@ -8,7 +8,7 @@ import json
 import click
 
 from llamba.distill.distributed import STRATEGIES, TEACHER_STRATEGIES
-from llamba.distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN
+from llamba.distill.stages import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_SEQ_LEN
 
 ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
 
@@ -124,6 +124,13 @@ def common_options(fn):
             "--mixer-only", is_flag=True, help="Stage 2: align the mixer output to the attention output."
         ),
         click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Stage 2: passes over tokens/epochs distinct tokens, the teacher's states cached in memory "
+            f"(default per stage: {DEFAULT_EPOCHS}).",
+        ),
+        click.option(
             "--ckpt-every",
             type=click.FloatRange(min=0),
             default=120.0,
@@ -206,6 +213,7 @@ def _spec_kwargs(o: dict) -> dict:
         "hard_weight",
         "freeze_mlp",
         "mixer_only",
+        "epochs",
         "stream",
         "stream_shards",
     )

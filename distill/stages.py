@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +25,9 @@ TOKEN_SHARE = {1: 0.3 / 8.0, 2: 2.7 / 8.0, 3: 5.0 / 8.0}
 # Stage 1 compares l x l maps per head: short sequences keep it cheap.
 DEFAULT_SEQ_LEN = {1: 64, 2: 256, 3: 256}
 DEFAULT_BATCH = {1: 4, 2: 4, 3: 4}
+# Stage 2 is layer-local and teacher-forced: several passes over fewer rows reuse the cached teacher states.
+DEFAULT_EPOCHS = {1: 1, 2: 1, 3: 1}
+CPU_AUTO_BF16 = False  # precision 'auto' on a CPU with bf16 instructions: bf16 autocast when True
 
 
 @dataclasses.dataclass
@@ -39,7 +44,7 @@ class StageSpec:
     decay: float = 0.1
     clip: float = 1.0
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on a GPU / CPU with bf16 instructions) | bf16 | fp32
     temperature: float = 1.0  # stage 3
     hard_weight: float = 0.0  # stage 3
     freeze_mlp: bool = False  # stage 3
@@ -75,6 +80,7 @@ def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
         seq_len=DEFAULT_SEQ_LEN[stage],
         batch_size=DEFAULT_BATCH[stage],
         lr=DEFAULT_LR[stage],
+        epochs=DEFAULT_EPOCHS[stage],
     )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return StageSpec(**fields)
@@ -87,11 +93,33 @@ def split_budget(total_tokens: int, share: dict[int, float] | None = None) -> di
     return {k: max(1, int(total_tokens * share.get(k, 0.0) / norm)) for k in (1, 2, 3)}
 
 
+def bf16_flags(cpuinfo: str) -> list[str]:
+    """The bf16 matrix instructions (`avx512_bf16`, `amx_bf16`) among the flags of a /proc/cpuinfo text."""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return sorted({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+@functools.cache
+def cpu_bf16() -> bool:
+    """Whether this CPU reports native bf16 instructions; False where /proc/cpuinfo does not exist (macOS)."""
+    try:
+        return bool(bf16_flags(Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+def use_bf16(spec: StageSpec, device: torch.device) -> bool:
+    """precision 'auto': bf16 autocast on a GPU that supports it and on a CPU with bf16 instructions."""
+    if spec.precision != "auto":
+        return spec.precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and CPU_AUTO_BF16 and cpu_bf16()
+
+
 def autocast_context(spec: StageSpec, device: torch.device):
-    use_bf16 = spec.precision == "bf16" or (
-        spec.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
+    use = use_bf16(spec, device)
+    if not use:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

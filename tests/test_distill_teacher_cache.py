@@ -79,3 +79,21 @@ def test_split_budget_normalizes_the_shares():
     assert split_budget(1000, {1: 1, 2: 1, 3: 2}) == {1: 250, 2: 250, 3: 500}
     assert split_budget(1000, {2: 0.5, 3: 0.5})[1] == 1  # an absent stage still gets one token (one step)
     assert sum(split_budget(80_000).values()) == pytest.approx(80_000, abs=3)
+
+
+def test_bf16_flags_and_precision_choice(monkeypatch):
+    from llamba.distill import stages
+
+    text = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\nbugs\t\t: none\n"
+    assert stages.bf16_flags(text) == ["amx_bf16", "avx512_bf16"]
+    assert stages.bf16_flags("flags\t\t: fpu sse2 avx2 avx512f\n") == []
+    assert stages.bf16_flags("no flags line") == []
+    cpu = torch.device("cpu")
+    assert stages.use_bf16(default_spec(3, 10, precision="bf16"), cpu)
+    assert not stages.use_bf16(default_spec(3, 10, precision="fp32"), cpu)
+    monkeypatch.setattr(stages, "cpu_bf16", lambda: True)
+    for flag in (True, False):
+        monkeypatch.setattr(stages, "CPU_AUTO_BF16", flag)
+        assert stages.use_bf16(default_spec(3, 10), cpu) is flag
+    monkeypatch.setattr(stages, "cpu_bf16", lambda: False)
+    assert not stages.use_bf16(default_spec(3, 10), cpu)
