@@ -58,7 +58,7 @@ from llamba.distill.teacher import load_teacher
 from llamba.distill.teacher_cache import epoch_pool
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
-DEFAULT_TOTAL_TOKENS = 24_000  # 12,000 took 11 min of training on the shared 2-core CPU (BENCHMARKS.md)
+DEFAULT_TOTAL_TOKENS = 12_000  # BENCHMARKS.md, "Distillation quality vs compute": the measured default rung
 
 
 class RunError(ValueError):
