@@ -12,8 +12,9 @@ average. Results accumulate in RESULTS (JSON lines), so rungs can be run one pro
 them into one table per lever and plots ratio vs CPU-minutes. Held-out rows come from the fixed 10% document
 split; `run` checks and records that no 32-token window of them occurs in the training rows.
 
-GPU (not run in this session; budget sized for ~10 GPU-minutes on one H100/H200 class GPU):
-    python bench/bench_quality.py run --variant default --tokens 2000000 --device cuda --eval-tokens 16384
+GPU (NOT run yet: no GPU was available when this was written; the budget is an estimate for ~10 minutes on one
+H100/H200-class GPU, bf16 autocast by `--precision auto`, rows of 256 in micro-batches of 16):
+    python bench/bench_quality.py run --variant gpu --tokens 3000000 --device cuda --eval-tokens 16384 --threads 4
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "b1s256": ("batch", "stages 2-3: micro-batch 1 x 256 tokens (4x the steps per token)",
                {"stage_overrides": {2: {"batch_size": 1}, 3: {"batch_size": 1}}}),
     "bf16": ("precision", "bf16 autocast for the student on every stage", {"precision": "bf16"}),
+    "gpu": ("gpu", "stages 2-3: micro-batch 16 x 256 (a GPU wants bigger batches)",
+            {"stage_overrides": {2: {"seq_len": 256, "batch_size": 16}, 3: {"seq_len": 256, "batch_size": 16}}}),
     "hard-0.5": ("kd", "stage 3 + 0.5 x hard-label CE", {"stage_overrides": {3: {"hard_weight": 0.5}}}),
     "temp-2": ("kd", "stage 3 temperature 2", {"stage_overrides": {3: {"temperature": 2.0}}}),
 }
@@ -177,20 +180,35 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
             shutil.rmtree(out, ignore_errors=True)
 
 
-def report(results: Path, append: bool, plot: Path | None) -> None:
+def report(results: Path, append: bool, plot: Path | None, notes: Path | None = None) -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     header = ["variant", "what", "tokens (s1/s2/s3)", "seed", "ppl ratio", "clean ratio", "KL", "top-1",
               "layer err", "CPU min", "wall min", "load"]
-    body = []
-    for lever in dict.fromkeys(r["lever"] for r in rows):
-        group = sorted((r for r in rows if r["lever"] == lever), key=lambda r: (r["variant"], r["tokens"]))
-        table = [[r["variant"], r["what"],
+    def fmt(group: list[dict]) -> list[list]:
+        return [[r["variant"], r["what"],
                   f"{r['tokens']:,} ({'/'.join(str(r['stage_tokens'][k]) for k in ('1', '2', '3'))})",
                   r["seed"], f"{r['ppl_ratio']:.2f}",
                   f"{r['clean_ppl_ratio']:.2f}" if "clean_ppl_ratio" in r else "-", f"{r['kl']:.3f}", f"{r['top1']:.1%}", f"{r['layer_err']:.3f}",
                   f"{r['cpu_s'] / 60:.1f}", f"{r['wall_s'] / 60:.1f}", f"{r['load_start']:.1f}-{r['load_end']:.1f}"]
-                 for r in group]
-        body.append(f"### lever: {lever}\n\n" + markdown_table(header, table))
+                for r in group]
+
+    # A variant "a+b" is the lever b added to "a": its table holds the rows of both (same seed), so each lever is
+    # read against the run it changes; plain variants form the ladder (budgets of one recipe).
+    body, names = [], list(dict.fromkeys(r["variant"] for r in rows))
+    for variant in names:
+        parts = variant.split("+")
+        base = next(("+".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if "+".join(parts[:k]) in names),
+                    None)
+        group = [dict(r) for r in rows if r["variant"] in (base, variant)]
+        group.sort(key=lambda r: (r["variant"] != base, r["tokens"]))
+        if base is None:
+            title = f"`{variant}` ({group[0]['what']}) at {len(group)} budget(s)"
+        else:
+            added = parts[len(base.split("+")):]
+            title = f"lever `{'+'.join(added)}` ({'; '.join(VARIANTS[a][1] for a in added)}) added to `{base}`"
+        for r in group:
+            r["what"] = "baseline" if r["variant"] == base else "with the lever" if base else "-"
+        body.append(f"### {title}\n\n" + markdown_table(header, fmt(group)))
     r0 = rows[0]
     intro = (f"CPU {r0['cpu']} ({r0['cores']} cores, bf16 flags: {', '.join(r0['bf16_flags']) or 'none'}), shared "
              f"with other jobs (load = 1-min load average at start-end of each rung). Teacher: embedded "
@@ -201,10 +219,12 @@ def report(results: Path, append: bool, plot: Path | None) -> None:
              f"tokens of rows that share no 32-token window with the training rows. CPU = user+system seconds of the process (all threads, "
              f"teacher loading excluded), {r0['threads']} torch thread(s). Script: `bench/bench_quality.py`.")
     text = intro + "\n\n" + "\n\n".join(body)
+    if notes is not None:
+        text += "\n\n" + notes.read_text().strip()
     print(text)
     if plot is not None:
         plot_curves(rows, plot)
-        text += f"\n\n![ratio vs CPU-minutes]({plot.relative_to(ROOT)})"
+        text += f"\n\n![ratio vs CPU-minutes]({os.path.relpath(plot, ROOT)})"
     if append:
         append_section("Distillation quality vs compute (bench_quality)", text)
 
@@ -251,13 +271,14 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--append", action="store_true", help="append the tables to BENCHMARKS.md")
     p.add_argument("--plot", type=Path, default=None, help="PNG: ppl ratio vs CPU-minutes, log-log")
+    p.add_argument("--notes", type=Path, default=None, help="a Markdown file appended below the tables")
     sub.add_parser("variants", help="list the variants")
     a = ap.parse_args()
     if a.cmd == "run":
         run_rungs(a.variant, [int(x) for x in a.tokens.split(",")], a.seed, a.device, a.threads, a.eval_tokens,
                   a.results, a.keep)
     elif a.cmd == "report":
-        report(a.results, a.append, a.plot.resolve() if a.plot else None)
+        report(a.results, a.append, a.plot.resolve() if a.plot else None, a.notes)
     else:
         for name, (lever, what, kw) in VARIANTS.items():
             print(f"{name:10s} {lever:10s} {what}  {kw}")

@@ -85,7 +85,7 @@ def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
         seq_len=DEFAULT_SEQ_LEN[stage],
         batch_size=DEFAULT_BATCH[stage],
         lr=DEFAULT_LR[stage],
-        epochs=DEFAULT_EPOCHS[stage],
+        epochs=1 if overrides.get("stream") else DEFAULT_EPOCHS[stage],  # a stream is read once
     )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return StageSpec(**fields)

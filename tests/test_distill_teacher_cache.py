@@ -65,7 +65,7 @@ def test_cached_stage2_runs_the_teacher_once_per_row(setup, tmp_path):
         cached = build_student(teacher.model, seed=0)
         s1 = train_stage(spec, cached, teacher, pool, tmp_path / "a", torch.device("cpu"), progress=False)
         n_cached = len(calls)
-        plain_spec = default_spec(2, tokens=spec.tokens, seq_len=32, batch_size=4, lr=3e-3)
+        plain_spec = default_spec(2, tokens=spec.tokens, seq_len=32, batch_size=4, lr=3e-3, epochs=1)
         plain = build_student(teacher.model, seed=0)
         s2 = train_stage(plain_spec, plain, teacher, pool, tmp_path / "b", torch.device("cpu"), progress=False)
     finally:
