@@ -102,7 +102,8 @@ def common_options(fn):
             default="auto",
             show_default=True,
             help="auto = bf16 on a GPU that supports it (FSDP2: bf16 params/compute, fp32 master weights and "
-            "reductions; DDP / one process: bf16 autocast), fp32 on CPU; fp32 turns both off.",
+            "reductions; DDP / one process: bf16 autocast) and bf16 autocast on a CPU with avx512_bf16/amx_bf16 "
+            "(LLAMBA_CPU_BF16=0 disables), fp32 elsewhere; fp32 turns both off.",
         ),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N"),
         click.option(

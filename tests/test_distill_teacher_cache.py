@@ -92,7 +92,7 @@ def test_bf16_flags_and_precision_choice(monkeypatch):
     assert stages.use_bf16(default_spec(3, 10, precision="bf16"), cpu)
     assert not stages.use_bf16(default_spec(3, 10, precision="fp32"), cpu)
     monkeypatch.setattr(stages, "cpu_bf16", lambda: True)
-    for flag in (True, False):
+    for flag in (True, False):  # conftest pins it off; the choice itself is tested here
         monkeypatch.setattr(stages, "CPU_AUTO_BF16", flag)
         assert stages.use_bf16(default_spec(3, 10), cpu) is flag
     monkeypatch.setattr(stages, "cpu_bf16", lambda: False)
