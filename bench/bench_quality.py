@@ -237,16 +237,13 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=90)
     for variant in dict.fromkeys(r["variant"] for r in rows):
-        pts = sorted((r["cpu_s"] / 60, r["clean_ppl_ratio"]) for r in rows
-                     if r["variant"] == variant and "clean_ppl_ratio" in r)
-        if not pts:
-            continue
+        pts = sorted((r["cpu_s"] / 60, r["ppl_ratio"]) for r in rows if r["variant"] == variant)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=variant, ms=4)
     ax.axhline(3.0, color="gray", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("CPU-minutes (distill all, shared 2-core CPU)")
-    ax.set_ylabel("clean held-out ppl ratio (student / teacher)")
+    ax.set_ylabel("held-out ppl ratio (student / teacher)")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", lw=0.3)
     fig.tight_layout()
