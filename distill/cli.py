@@ -11,7 +11,15 @@ import click
 from llamba.distill.distributed import STRATEGIES, TEACHER_STRATEGIES
 from llamba.distill.init import INIT_CHOICES
 from llamba.distill.options import click_options, option, pick
-from llamba.distill.stages import DEFAULT_LR, DEFAULT_SEQ_LEN, PRECISIONS, STAGES, StageSpec
+from llamba.distill.stages import (
+    DEFAULT_BATCH,
+    DEFAULT_LR,
+    DEFAULT_SEQ_LEN,
+    PRECISIONS,
+    STAGES,
+    TOKEN_SHARE,
+    StageSpec,
+)
 
 ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError, MemoryError)
 
@@ -56,18 +64,19 @@ class RunOptions:
     text_field: str = option("text", "Field holding the text in JSONL/Parquet.")
     out: str = option("runs/distill", "Run directory (re-run the same command to resume; another teacher, data or "
                                       "setting is refused).")
-    tokens: int | None = option(None, "Token budget (all: the total, split 3.75/33.75/62.5% over the stages).",
-                                low=1)
+    tokens: int | None = option(None, "Token budget (all: the total, split over the stages by the records' token "
+                                      f"shares {TOKEN_SHARE}).", low=1)
     seq_len: int | None = option(None, f"Sequence length (default per stage: {DEFAULT_SEQ_LEN}).", low=2)
-    batch_size: int | None = option(None, f"Sequences per micro-batch ({StageSpec.batch_size}).", low=1)
+    batch_size: int | None = option(None, f"Sequences per micro-batch (default per stage: {DEFAULT_BATCH}).", low=1)
     grad_accum: int | None = option(None, f"Micro-batches per step ({StageSpec.grad_accum}).", low=1)
     lr: float | None = option(None, f"Peak LR of the WSD schedule (default per stage: {DEFAULT_LR}).", low=0,
                               low_open=True)
     seed: int = option(StageSpec.seed, "Seed of the student init and the batch order.")
     init: str = option("llamba", "Mixer init of the student (stage 1 start).", choices=INIT_CHOICES)
     precision: str = option(StageSpec.precision, "auto = bf16 on a GPU that supports it (FSDP2: bf16 params/compute, "
-                            "fp32 master weights and reductions; DDP / one process: bf16 autocast), fp32 on CPU; fp32 "
-                            "turns both off.", choices=PRECISIONS)
+                            "fp32 master weights and reductions; DDP / one process: bf16 autocast) and bf16 autocast on "
+                            "a CPU with avx512_bf16/amx_bf16 (LLAMBA_CPU_BF16=0 disables), fp32 elsewhere; fp32 turns "
+                            "both off.", choices=PRECISIONS)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     ckpt_every: float = option(120.0, "Seconds between resumable checkpoints.", low=0)
     no_progress: bool = option(False, "No progress bar.")

@@ -57,11 +57,12 @@ from llamba.distill.stages import (
 )
 from llamba.distill.stream import TokenStream, open_source
 from llamba.distill.teacher import Teacher, get_teacher, resolve_device  # noqa: F401  (re-exported)
+from llamba.distill.teacher_cache import epoch_pool
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
-DEFAULT_TOTAL_TOKENS = 24_000  # 12,000 took 11 min of training on the shared 2-core CPU (BENCHMARKS.md)
+DEFAULT_TOTAL_TOKENS = 24_000  # BENCHMARKS.md, "Distillation quality vs compute": the largest budget measured end to end
 CLI_FLAGS = {"seq_len", "batch_size", "grad_accum", "lr", "seed", "precision", "temperature", "hard_weight",
-             "freeze_mlp", "mixer_only", "stream", "stream_shards", "tokens"}
+             "freeze_mlp", "mixer_only", "epochs", "stream", "stream_shards", "tokens"}
 
 
 class Interrupted(RuntimeError):
@@ -492,6 +493,8 @@ def distill_stage(
     dev = ctx.device
     tokens = tokens if tokens is not None else split_budget(DEFAULT_TOTAL_TOKENS)[stage]
     spec = default_spec(stage, tokens, **spec_overrides)  # validates the settings before any loading
+    if spec.epochs > 1 and spec.stream:
+        raise RunError("--epochs > 1 cycles over an in-memory pool of rows; drop --stream or use --epochs 1")
     t = _load_teacher(teacher, ctx)
     check_stage_memory(spec, t, ctx)
     if not _checked:
@@ -510,6 +513,8 @@ def distill_stage(
         if docs is None:
             docs = load_documents(data, text_field, t.model, t.tokenizer)
         token_data = build_token_data(docs, t.tokenizer, spec.seq_len)
+        if spec.epochs > 1:
+            token_data = epoch_pool(token_data, spec.tokens, spec.epochs, spec.seed)
     if not _checked:
         _check_run(out, t, data, text_field, init, ctx, write=True)
     student = stage_start(out, stage, t, init, init_from, spec.seed, dev, ctx)
@@ -532,20 +537,21 @@ def distill_all(
     strategy: str = "auto",
     activation_checkpointing: bool = False,
     teacher_strategy: str = "auto",
+    split: dict[int, float] | None = None,
     **spec_overrides,
 ) -> dict:
     """The main job: init -> every stage of the registry in order -> held-out evaluation, resumable at any point.
 
-    tokens: total budget, split over the stages by their token shares (3.75% / 33.75% / 62.5%); spec_overrides
-    apply to every stage and stage_overrides = {k: {...}} to stage k only. Returns {"init": {...}, "stages":
-    {k: summary}, "eval": evaluate(...) dict, "out": str, "already_done": bool (everything had finished before
-    this call)}; the evaluation is also written to RUN_DIR/eval.json."""
+    tokens: total budget, split over the stages by `split` (default: the stage records' token shares);
+    spec_overrides apply to every stage and stage_overrides = {k: {...}} to stage k only. Returns {"init": {...},
+    "stages": {k: summary}, "eval": evaluate(...) dict, "out": str, "already_done": bool (everything had
+    finished before this call)}; the evaluation is also written to RUN_DIR/eval.json."""
     from llamba.distill.evaluate import evaluate, evaluate_tokens, heldout_rows
 
     out = Path(out)
     ctx = DistContext.from_env(None if device == "auto" else device)
     dev = ctx.device
-    budget = split_budget(tokens)
+    budget = split_budget(tokens, split)
     for k in STAGES:  # validate every stage's settings before loading anything
         default_spec(k, budget[k], **{**spec_overrides, **((stage_overrides or {}).get(k, {}))})
     t = _load_teacher(teacher, ctx)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +25,7 @@ from torch import nn
 from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss
 from llamba.distill.options import option
 from llamba.distill.teacher import AttentionMaps, teacher_residuals
+from llamba.distill.teacher_cache import TeacherStateCache
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -36,6 +40,8 @@ class Stage1Options:
 @dataclasses.dataclass
 class Stage2Options:
     mixer_only: bool = option(False, "Stage 2: align the mixer output to the attention output.")
+    epochs: int | None = option(None, "Stage 2: passes over its tokens, the teacher's states cached in memory "
+                                      "(default: the stage record's, 4; 1 with --stream).", low=1)
 
 
 @dataclasses.dataclass
@@ -47,6 +53,11 @@ class Stage3Options:
 
 def _default(cls, name: str):
     return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+# precision 'auto' on a CPU with bf16 instructions: bf16 autocast (1.4x the tokens per CPU-second at equal or better
+# held-out quality, BENCHMARKS.md "Distillation quality vs compute"). LLAMBA_CPU_BF16=0 turns it off (the tests do).
+CPU_AUTO_BF16 = os.environ.get("LLAMBA_CPU_BF16", "1") != "0"
 
 
 @dataclasses.dataclass
@@ -63,11 +74,12 @@ class StageSpec:
     decay: float = 0.1
     clip: float = 1.0
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 autocast on a GPU that supports it) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast on a GPU / CPU with bf16 instructions) | bf16 | fp32
     temperature: float = _default(Stage3Options, "temperature")
     hard_weight: float = _default(Stage3Options, "hard_weight")
     freeze_mlp: bool = _default(Stage3Options, "freeze_mlp")
     mixer_only: bool = _default(Stage2Options, "mixer_only")
+    epochs: int = 1  # stage 2: passes over tokens / epochs distinct tokens, teacher states cached (teacher_cache.py)
     stream: bool = False  # read --data lazily (distill/stream.py) instead of packing it in memory
     stream_shards: int = 8  # virtual shards of the stream; the number of processes must divide it
 
@@ -85,7 +97,8 @@ class StageSpec:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if self.warmup + self.decay > 1:
             raise ValueError(f"warmup + decay must be <= 1 (fractions of the steps), got {self.warmup + self.decay}")
-        for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("stream_shards", 1)):
+        for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("stream_shards", 1),
+                          ("epochs", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
@@ -122,21 +135,46 @@ def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
     record = STAGES[stage]
-    fields = dict(stage=stage, tokens=tokens, seq_len=record.seq_len, batch_size=record.batch_size, lr=record.lr)
+    fields = dict(stage=stage, tokens=tokens, seq_len=record.seq_len, batch_size=record.batch_size, lr=record.lr,
+                  epochs=1 if overrides.get("stream") else record.epochs)  # a stream is read once
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return StageSpec(**fields)
 
 
-def split_budget(total_tokens: int) -> dict[int, int]:
-    """A total token budget split over the stages by their token shares (Llamba-1B: 3.75% / 33.75% / 62.5%)."""
-    return {k: max(1, int(total_tokens * s.token_share)) for k, s in STAGES.items()}
+def split_budget(total_tokens: int, share: dict[int, float] | None = None) -> dict[int, int]:
+    """A total token budget split over the stages by `share` (default: the records' token shares), normalized."""
+    share = share or {k: s.token_share for k, s in STAGES.items()}
+    norm = sum(share.values())
+    return {k: max(1, int(total_tokens * share.get(k, 0.0) / norm)) for k in STAGES}
+
+
+def bf16_flags(cpuinfo: str) -> list[str]:
+    """The bf16 matrix instructions (`avx512_bf16`, `amx_bf16`) among the flags of a /proc/cpuinfo text."""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return sorted({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+@functools.cache
+def cpu_bf16() -> bool:
+    """Whether this CPU reports native bf16 instructions; False where /proc/cpuinfo does not exist (macOS)."""
+    try:
+        return bool(bf16_flags(Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+def use_bf16(spec: StageSpec, device: torch.device) -> bool:
+    """precision 'auto': bf16 autocast on a GPU that supports it and on a CPU with bf16 instructions."""
+    if spec.precision != "auto":
+        return spec.precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and CPU_AUTO_BF16 and cpu_bf16()
 
 
 def autocast_context(spec: StageSpec, device: torch.device):
-    use_bf16 = spec.precision == "bf16" or (
-        spec.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
+    use = use_bf16(spec, device)
+    if not use:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -197,10 +235,12 @@ def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossS
 
 def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossStep:
     """Hidden-state alignment. One teacher forward feeds every layer; layer i maps teacher hidden_states[i] to a
-    prediction of hidden_states[i+1] (or, with mixer_only, of the attention output)."""
+    prediction of hidden_states[i+1] (or, with mixer_only, of the attention output). With spec.epochs > 1 the
+    teacher's states of each row are computed once and kept in memory (bf16)."""
+    cache = TeacherStateCache(teacher, with_attn_out=spec.mixer_only) if spec.epochs > 1 else None
 
     def step(ids: torch.Tensor, scale: float):
-        out = teacher_residuals(teacher, ids, with_attn_out=spec.mixer_only)
+        out = cache(ids) if cache is not None else teacher_residuals(teacher, ids, with_attn_out=spec.mixer_only)
         per_layer = []
         for i, block in enumerate(blocks):
             with autocast_context(spec, device):
@@ -275,20 +315,26 @@ class Stage:
     step: Callable[..., LossStep]  # (blocks | model, teacher, spec, device) -> LossStep
     options: type = Stage1Options  # dataclass of the StageSpec fields only this stage reads (its CLI options)
     memory: Callable[[StageSpec, object, int], float] | None = None  # (spec, teacher config, ranks) -> bytes
+    epochs: int = 1  # default passes over the stage's tokens (stage 2 reuses cached teacher states)
 
     def extra_bytes(self, spec: StageSpec, teacher_config, world_size: int = 1) -> float:
         """Per-rank bytes this stage holds beyond the generic plan (0 when it has no estimate)."""
         return float(self.memory(spec, teacher_config, world_size)) if self.memory else 0.0
 
 
-# Reference §4.4 (Llamba-1B): LR 1e-4 in stages 1-2, 5e-5 in stage 3; tokens 300M / 2.7B / 5B. Stage 1 compares
-# l x l maps per head: short sequences keep it cheap.
+# Defaults for budgets a laptop can spend (tens of thousands of tokens), measured with bench/bench_quality.py
+# (BENCHMARKS.md, "Distillation quality vs compute"). The reference (§4.4, Llamba-1B, billions of tokens) uses LR
+# 1e-4 / 1e-4 / 5e-5 and token shares 3.75 / 33.75 / 62.5%; at a few dozen steps those LRs barely move the student.
+# Stage 1 gets one or two steps (at these budgets it does not change the per-layer error) and compares l x l maps per
+# head, so its rows are short; stage 2 (layer-local, teacher-forced, 4 passes over cached teacher states) is where
+# the cheap progress is. Micro-batches of 2 x 128 give 4x the optimizer steps per token of 4 x 256, the largest
+# single gain measured at small budgets.
 STAGES: dict[int, Stage] = {
-    1: Stage(1, "matrix orientation", 1e-4, 0.3 / 8.0, 64, 4, _trains_stage1, True, stage1_step, Stage1Options,
+    1: Stage(1, "matrix orientation", 1e-3, 0.02, 64, 4, _trains_stage1, True, stage1_step, Stage1Options,
              _stage1_memory),
-    2: Stage(2, "hidden-state alignment", 1e-4, 2.7 / 8.0, 256, 4, _trains_stage2, True, stage2_step,
-             Stage2Options),
-    3: Stage(3, "end-to-end knowledge distillation", 5e-5, 5.0 / 8.0, 256, 4, _trains_stage3, False, stage3_step,
+    2: Stage(2, "hidden-state alignment", 1e-3, 0.48, 128, 2, _trains_stage2, True, stage2_step,
+             Stage2Options, epochs=4),
+    3: Stage(3, "end-to-end knowledge distillation", 3e-4, 0.50, 128, 2, _trains_stage3, False, stage3_step,
              Stage3Options),
 }
 
@@ -297,4 +343,5 @@ DEFAULT_LR = {k: s.lr for k, s in STAGES.items()}
 TOKEN_SHARE = {k: s.token_share for k, s in STAGES.items()}
 DEFAULT_SEQ_LEN = {k: s.seq_len for k, s in STAGES.items()}
 DEFAULT_BATCH = {k: s.batch_size for k, s in STAGES.items()}
+DEFAULT_EPOCHS = {k: s.epochs for k, s in STAGES.items()}
 STAGE_STEPS = {k: s.step for k, s in STAGES.items()}

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import click
 
-SMALL_BUDGET_LR = {1: {"lr": 1e-3}, 2: {"lr": 1e-3}, 3: {"lr": 3e-4}}
-
 
 @click.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
@@ -15,8 +13,10 @@ SMALL_BUDGET_LR = {1: {"lr": 1e-3}, 2: {"lr": 1e-3}, 3: {"lr": 3e-4}}
               help="Total distillation budget in tokens (default: `llamba distill all`'s, sized for ~15 min on 2 CPU cores).")
 @click.option("--q-bits", type=click.Choice(["4", "8", "none"]), default="8", show_default=True,
               help="Quantization of the MLX export.")
-@click.option("--prompt", default="What is the capital of France?", show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--prompt", default="What is the capital of France?", show_default=True,
+              help="The chat prompt answered at the end.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Most tokens in that answer.")
 def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int) -> None:
     """Distill the embedded SmolLM2-135M teacher, compare perplexities, export to MLX and answer one chat prompt.
 
@@ -38,9 +38,7 @@ def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int
 
         run_dir = Path(out)
         click.secho("1/3 distill: init -> stage 1 -> stage 2 -> stage 3 (llamba distill all)", bold=True)
-        # At a few hundred steps the reference LRs (1e-4 / 1e-4 / 5e-5, tuned for billions of tokens) barely move
-        # the student; these small-budget LRs are the ones measured in BENCHMARKS.md (Distillation).
-        result = distill_all(out=run_dir, tokens=tokens or DEFAULT_TOTAL_TOKENS, stage_overrides=SMALL_BUDGET_LR)
+        result = distill_all(out=run_dir, tokens=tokens or DEFAULT_TOTAL_TOKENS)  # exactly `llamba distill all`
         ev, init = result["eval"], result["init"]
         click.echo(f"held-out perplexity on {ev['tokens']:,} tokens: teacher {ev['teacher_ppl']:.2f} | "
                    f"student after init {init['student_ppl']:.2f} | student after distillation {ev['student_ppl']:.2f} "

@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(1)  # several test files run beside each other on a 2-core machine
+
+# Distillation tests compare runs to tight tolerances; they must not depend on whether this CPU has bf16
+# instructions (precision 'auto' would turn bf16 autocast on where it does). Inherited by worker processes.
+os.environ["LLAMBA_CPU_BF16"] = "0"
 
 
 @pytest.fixture
