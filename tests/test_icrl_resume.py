@@ -111,6 +111,8 @@ def test_store_drops_a_torn_line_and_names_the_differing_field(tmp_path):
     store.append({"key": ["ad", 0, 1], "row": {"score": 0.25}})
     with open(store.runs_path, "ab") as f:
         f.write(b'{"key": ["ad", 0, 2], "ro')
+    torn = store.runs_path.read_bytes()
+    assert len(store.load(repair=False)) == 2 and store.runs_path.read_bytes() == torn  # a reader leaves it
     assert {k: v["row"]["score"] for k, v in store.load().items()} == {("ad", 0, 0): 0.5, ("ad", 0, 1): 0.25}
     assert store.runs_path.read_bytes().count(b"\n") == 2 and store.runs_path.read_bytes().endswith(b"\n")
     store.append({"key": ["ad", 0, 2], "row": {"score": 1.0}})
