@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from llamba.atomic import atomic_write
 from llamba.icrl.config import ExperimentConfig
 from llamba.icrl.evaluate import heldout_loss, in_context_returns, score
 from llamba.icrl.histories import Histories, generate, improvement, learning_histories
 from llamba.icrl.metrics import efficiency_ratio, emp_band, share_at_least, sign_test
-from llamba.icrl.store import RunStore, atomic_write
+from llamba.icrl.store import RunStore
 from llamba.icrl.train import train
 
 EMP_N = 20  # EMP(n) is reported for n = 1..max(EMP_N, draws)

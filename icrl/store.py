@@ -5,7 +5,7 @@
 - ``runs.jsonl``: one JSON line per finished run, appended with a single write and fsynced. A torn last line
   (the process was killed mid-write) is dropped and cut off on the next open, so a resumed grid redoes at
   most the run that was being written.
-- Tables and plots are written through ``atomic_write`` (temp file + fsync + rename).
+- Tables and plots are written through ``llamba.atomic.atomic_write`` (temp file + fsync + rename).
 """
 
 from __future__ import annotations
@@ -14,15 +14,7 @@ import json
 import os
 from pathlib import Path
 
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from llamba.atomic import atomic_write
 
 
 def first_difference(a, b, prefix: str = "") -> str | None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from llamba.atomic import atomic_write
+
 UNEXPECTED = "unexpected"  # first word of the message of an error that is a bug, not bad input
 
 
@@ -49,12 +51,7 @@ def save_traceback(e: BaseException) -> Path:
     for folder in (traceback_dir(), Path(tempfile.gettempdir()) / "llamba-tracebacks"):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".txt")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            path = folder / f"{stamp}-{os.getpid()}.txt"
-            os.replace(tmp, path)
-            return path
+            return atomic_write(folder / f"{stamp}-{os.getpid()}.txt", text)
         except OSError:
             continue
     raise OSError("no writable directory for the traceback")
