@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
 import click
@@ -20,8 +19,7 @@ from llamba.distill.stages import (
     TOKEN_SHARE,
     StageSpec,
 )
-
-ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError, MemoryError)
+from llamba.errors import guarded
 
 
 def quiet_hf() -> None:
@@ -29,28 +27,6 @@ def quiet_hf() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def one_line_errors(fn):
-    """Bad input -> one-line click error, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from llamba.distill.run import Interrupted
-
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except Interrupted as e:
-            raise click.ClickException(str(e)) from None
-        except ERRORS as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
-    return wrapper
-
-
-_quiet_hf, _one_line_errors = quiet_hf, one_line_errors  # older names
 
 
 @dataclasses.dataclass
@@ -158,7 +134,7 @@ def _make_stage_command(stage: int):
         default=None,
         help="Start from this Llamba checkpoint instead of the run's previous stage / init.",
     )
-    @one_line_errors
+    @guarded
     def command(init_from, **o):
         quiet_hf()
         from llamba.distill.run import distill_stage
@@ -190,7 +166,7 @@ for _k in STAGES:
     show_default=True,
     help="Held-out tokens for the final teacher vs student comparison.",
 )
-@one_line_errors
+@guarded
 def all_cmd(eval_tokens, **o):
     """Init, every stage in order and the held-out evaluation, resumable (the README's main job)."""
     quiet_hf()
@@ -226,7 +202,7 @@ def all_cmd(eval_tokens, **o):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--stream", is_flag=True, help="Evaluate on the held-out documents of a `distill --stream` run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@one_line_errors
+@guarded
 def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, stream, as_json):
     """Teacher vs student: perplexity, mean KL, top-1 agreement, per-layer hidden-state error."""
     quiet_hf()

@@ -29,6 +29,7 @@ from torch import nn
 
 from llamba.atomic import recover_dir, replace_dir
 from llamba.devices import resolve_device
+from llamba.errors import ResourceError, UsageError
 
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 TEACHER_STRATEGIES = ("auto", "replicate", "fsdp")
@@ -94,7 +95,7 @@ class DistContext:
     def rows(self, batch_size: int) -> slice:
         """This rank's rows r, r + N, r + 2N, ... of a global batch of batch_size (divisible by N)."""
         if batch_size % self.world_size:
-            raise ValueError(f"global batch {batch_size} is not divisible by world size {self.world_size}; "
+            raise UsageError(f"global batch {batch_size} is not divisible by world size {self.world_size}; "
                              "choose --batch-size as a multiple of the number of processes")
         return slice(self.rank, batch_size, self.world_size)
 
@@ -110,7 +111,7 @@ def bf16_supported(device: torch.device) -> bool:
 def resolve_strategy(strategy: str, ctx: DistContext) -> str:
     """'auto' -> 'fsdp' when distributed, 'none' in one process; other names are checked and returned."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise UsageError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
         return "fsdp" if ctx.distributed else "none"
     return strategy
@@ -189,7 +190,7 @@ def wrap_teacher(teacher: nn.Module, ctx: DistContext, strategy: str) -> nn.Modu
 def resolve_teacher_strategy(strategy: str, ctx: DistContext, plan: dict[str, float]) -> str:
     """'auto' -> 'fsdp' when distributed and the plan with a replicated teacher does not fit, else 'replicate'."""
     if strategy not in TEACHER_STRATEGIES:
-        raise ValueError(f"teacher strategy must be one of {TEACHER_STRATEGIES}, got {strategy!r}")
+        raise UsageError(f"teacher strategy must be one of {TEACHER_STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
         return "fsdp" if ctx.distributed and plan["total"] > available_memory_gib(ctx.device) else "replicate"
     return strategy
@@ -303,7 +304,7 @@ def check_memory_plan(plan: dict[str, float], ctx: DistContext) -> str:
     line = ", ".join(f"{k} {v:.2f}" for k, v in plan.items()) + " GiB per rank"
     free = available_memory_gib(ctx.device)
     if plan["total"] > free:
-        raise MemoryError(f"memory plan needs {plan['total']:.1f} GiB per rank but {free:.1f} GiB is free; lower "
+        raise ResourceError(f"memory plan needs {plan['total']:.1f} GiB per rank but {free:.1f} GiB is free; lower "
                           "--batch-size/--seq-len, add --activation-checkpointing, or use more processes "
                           "(--strategy fsdp, --teacher-strategy fsdp)")
     return line

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from llamba.checkpoints import load_model
 from llamba.distill.data import load_documents, pack, split_documents
 from llamba.distill.teacher import get_teacher, resolve_device, teacher_residuals
+from llamba.errors import UsageError
 
 
 @torch.no_grad()
@@ -103,13 +104,13 @@ def evaluate(
     t = get_teacher(teacher, dev)
     student = load_model(model, device=dev) if isinstance(model, (str, Path)) else model.to(dev)
     if student.config.vocab_size != t.model.config.vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size "
             f"{t.model.config.vocab_size}: they were not distilled from each other"
         )
     t_layers = t.model.config.num_hidden_layers
     if student.config.n_layer != t_layers:
-        raise ValueError(
+        raise UsageError(
             f"student has {student.config.n_layer} layers but the teacher has {t_layers}: they were not "
             "distilled from each other; pass the --teacher the student was distilled from"
         )

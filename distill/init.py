@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from llamba.config import LlambaConfig
+from llamba.errors import LlambaError
 from llamba.model import LlambaForCausalLM
 
 INIT_CHOICES = ("llamba", "attention")
 
 
-class InitError(ValueError):
+class InitError(LlambaError, ValueError):
     """A student that cannot be built from this teacher; the message names the field."""
 
 

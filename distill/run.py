@@ -58,6 +58,7 @@ from llamba.distill.stages import (
 from llamba.distill.stream import TokenStream, open_source
 from llamba.distill.teacher import Teacher, get_teacher, resolve_device  # noqa: F401  (re-exported)
 from llamba.distill.teacher_cache import epoch_pool
+from llamba.errors import LlambaError, ResourceError
 from llamba.model import LlambaBlock, LlambaForCausalLM
 
 DEFAULT_TOTAL_TOKENS = 24_000  # BENCHMARKS.md, "Distillation quality vs compute": the largest budget measured end to end
@@ -65,7 +66,7 @@ CLI_FLAGS = {"seq_len", "batch_size", "grad_accum", "lr", "seed", "precision", "
              "freeze_mlp", "mixer_only", "epochs", "stream", "stream_shards", "tokens"}
 
 
-class Interrupted(RuntimeError):
+class Interrupted(LlambaError, RuntimeError):
     """Raised by `stop_after` (tests simulate a kill with it, right after a checkpoint)."""
 
 
@@ -439,7 +440,7 @@ def check_stage_memory(spec: StageSpec, t: Teacher, ctx: DistContext) -> None:
     need = STAGES[spec.stage].extra_bytes(spec, t.model.config, ctx.world_size) / 2**30
     free = available_memory_gib(ctx.device)
     if need > free:
-        raise MemoryError(f"stage {spec.stage} needs {need:.1f} GiB per rank for its attention maps alone (--seq-len "
+        raise ResourceError(f"stage {spec.stage} needs {need:.1f} GiB per rank for its attention maps alone (--seq-len "
                           f"{spec.seq_len}, --batch-size {spec.batch_size}) but {free:.1f} GiB is free; lower "
                           "--seq-len or --batch-size, or use more processes")
 
@@ -542,7 +543,8 @@ def distill_all(
 ) -> dict:
     """The main job: init -> every stage of the registry in order -> held-out evaluation, resumable at any point.
 
-    tokens: total budget, split over the stages by `split` (default: the stage records' token shares);
+    tokens: total budget, split over the stages by `split` (default: the stage records' token shares), at least
+    one optimizer step each;
     spec_overrides apply to every stage and stage_overrides = {k: {...}} to stage k only. Returns {"init": {...},
     "stages": {k: summary}, "eval": evaluate(...) dict, "out": str, "already_done": bool (everything had
     finished before this call)}; the evaluation is also written to RUN_DIR/eval.json."""
@@ -553,7 +555,11 @@ def distill_all(
     dev = ctx.device
     budget = split_budget(tokens, split)
     for k in STAGES:  # validate every stage's settings before loading anything
-        default_spec(k, budget[k], **{**spec_overrides, **((stage_overrides or {}).get(k, {}))})
+        settings = {**spec_overrides, **((stage_overrides or {}).get(k, {}))}
+        # A stage whose share of a small --tokens is under one optimizer step runs one step (a single stage
+        # command refuses such a budget instead: there the user chose it).
+        budget[k] = max(budget[k], default_spec(k, 1 << 40, **settings).tokens_per_step)
+        default_spec(k, budget[k], **settings)
     t = _load_teacher(teacher, ctx)
     rd = _check_run(out, t, data, text_field, init, ctx, tokens=tokens)
     stream = bool(spec_overrides.get("stream"))

@@ -18,13 +18,14 @@ import json
 from pathlib import Path
 
 from llamba.atomic import atomic_dir, atomic_write, clean_stale, recover_dir
+from llamba.errors import LlambaError
 
 RUN_FILE = "run.json"
 IDENTITY_FLAGS = {"teacher": "--teacher", "teacher_config": "--teacher", "data": "--data",
                   "data_fingerprint": "--data", "text_field": "--text-field", "init": "--init"}
 
 
-class RunError(ValueError):
+class RunError(LlambaError, ValueError):
     """Bad run directory, checkpoint or settings; the one-line message names the file and field."""
 
 

@@ -26,6 +26,7 @@ from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orienta
 from llamba.distill.options import option
 from llamba.distill.teacher import AttentionMaps, teacher_residuals
 from llamba.distill.teacher_cache import TeacherStateCache
+from llamba.errors import UsageError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -86,29 +87,29 @@ class StageSpec:
     def __post_init__(self) -> None:
         """Refuse settings no run can use, one line naming the option (nan and inf included)."""
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
+            raise UsageError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
         for name in ("lr", "temperature", "clip"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
         for name in ("hard_weight", "weight_decay", "warmup", "decay"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if self.warmup + self.decay > 1:
-            raise ValueError(f"warmup + decay must be <= 1 (fractions of the steps), got {self.warmup + self.decay}")
+            raise UsageError(f"warmup + decay must be <= 1 (fractions of the steps), got {self.warmup + self.decay}")
         for name, low in (("tokens", 1), ("seq_len", 2), ("batch_size", 1), ("grad_accum", 1), ("stream_shards", 1),
                           ("epochs", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
         if self.tokens_per_step > 2 * self.tokens:  # a run does at most twice its budget (one rounded-up step)
-            raise ValueError(
+            raise UsageError(
                 f"stage {self.stage}: its budget of {self.tokens} tokens is less than half of one optimizer step "
                 f"({self.tokens_per_step} tokens = --seq-len {self.seq_len} x --batch-size {self.batch_size} x "
                 f"--grad-accum {self.grad_accum}); raise --tokens or lower --batch-size / --seq-len")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -133,7 +134,7 @@ class StageSpec:
 def default_spec(stage: int, tokens: int, **overrides) -> StageSpec:
     """The StageSpec of `stage` with its registry defaults, then every override that is not None."""
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
+        raise UsageError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
     record = STAGES[stage]
     fields = dict(stage=stage, tokens=tokens, seq_len=record.seq_len, batch_size=record.batch_size, lr=record.lr,
                   epochs=1 if overrides.get("stream") else record.epochs)  # a stream is read once

@@ -22,11 +22,12 @@ from torch import nn
 from llamba.atomic import atomic_dir
 from llamba.embedded import EmbeddedTeacherMissing
 from llamba.embedded import embedded_gguf as _embedded_gguf
+from llamba.errors import LlambaError
 
 DEFAULT_TEACHER = "default"
 
 
-class TeacherError(ValueError):
+class TeacherError(LlambaError, ValueError):
     """A teacher that cannot be loaded; the one-line message names the source and the field."""
 
 

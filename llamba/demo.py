@@ -25,11 +25,12 @@ def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int
     import time
     from pathlib import Path
 
-    from llamba.distill.cli import one_line_errors, quiet_hf
+    from llamba.distill.cli import quiet_hf
+    from llamba.errors import guarded
 
     quiet_hf()
 
-    @one_line_errors
+    @guarded
     def run() -> None:
         from llamba.distill.run import DEFAULT_TOTAL_TOKENS, distill_all
         from llamba.export.chat import ChatSession, TextStream, open_engine, require_mlx

@@ -9,6 +9,7 @@ Kept free of torch (and of every package but click) so `llamba --help` stays fas
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import tempfile
 import traceback
@@ -25,6 +26,14 @@ UNEXPECTED = "unexpected"  # first word of the message of an error that is a bug
 
 class LlambaError(Exception):
     """Expected failure: the message is one line naming the problem and the fix."""
+
+
+class UsageError(LlambaError, ValueError):
+    """A bad option or config value: the message names the option and what it accepts."""
+
+
+class ResourceError(LlambaError, MemoryError):
+    """Settings this machine cannot hold: the message says what to lower."""
 
 
 def one_line(e: BaseException) -> str:
@@ -80,6 +89,18 @@ def error_boundary() -> Iterator[None]:
         raise click.ClickException(_os_message(e)) from None
     except Exception as e:  # a bug: one line here, the traceback in a file
         raise click.ClickException(_unexpected(e)) from None
+
+
+def guarded(fn):
+    """`fn` (a click command's callback) run inside `error_boundary`, for command groups that are also invoked on
+    their own (tests, `torchrun -m llamba distill`); nested boundaries are harmless."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with error_boundary():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _unexpected(e: BaseException) -> str:

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from llamba.distill.cli import distill
 from llamba.distill.run import Interrupted, distill_stage
+from llamba.distill.stages import STAGES
 from llamba.distill.testing import tiny_corpus, write_tiny_teacher
 
 
@@ -63,7 +64,7 @@ def test_finished_stage_rerun_says_done_and_refuses_other_settings(files):
 
     more = [("512" if a == "256" else a) for a in _base(teacher, corpus, out)]
     _one_line_error(_invoke(more), "different `tokens`", "256", "--tokens 256")
-    _one_line_error(_invoke(_base(teacher, corpus, out, "--lr", "0.01")), "different `lr`", "--lr 0.0001")
+    _one_line_error(_invoke(_base(teacher, corpus, out, "--lr", "0.01")), "different `lr`", f"--lr {STAGES[1].lr}")
     _one_line_error(_invoke(_base(other, corpus, out)), "run.json", "--teacher", str(teacher), "new --out")
     _one_line_error(_invoke(_base(teacher, corpus2, out)), "run.json", "--data", str(corpus))
     _one_line_error(_invoke(_base(teacher, corpus, out, "--init", "attention")), "--init llamba")
@@ -194,17 +195,18 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
 
 def test_each_command_offers_only_the_options_it_uses():
     from llamba.distill.options import cli_fields
-    from llamba.distill.stages import STAGES, StageSpec
-
+    from llamba.distill.stages import StageSpec, default_spec
     helps = {name: CliRunner().invoke(distill, [name, "--help"]).output for name in ("stage1", "stage2", "stage3",
                                                                                      "all")}
     assert "--temperature" not in helps["stage1"] and "--mixer-only" not in helps["stage1"]
     assert "--mixer-only" in helps["stage2"] and "--temperature" not in helps["stage2"]
     assert "--temperature" in helps["stage3"] and "--freeze-mlp" in helps["stage3"]
     assert all(f"--{o}" in helps["all"] for o in ("temperature", "mixer-only", "eval-tokens"))
-    for record in STAGES.values():  # a stage option's default is the StageSpec default (one place)
-        for f in cli_fields(record.options):
-            assert getattr(StageSpec(record.number, 10**6), f.name) == f.default
+    for record in STAGES.values():  # a stage option's default is the StageSpec default (one place), or None
+        for f in cli_fields(record.options):  # for a default the stage record sets (epochs)
+            expected = getattr(StageSpec(record.number, 10**6), f.name)
+            assert f.default is None and getattr(default_spec(record.number, 10**6), f.name) == getattr(
+                record, f.name) or f.default == expected
 
 
 def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused(files):

@@ -89,11 +89,11 @@ def test_bf16_flags_and_precision_choice(monkeypatch):
     assert stages.bf16_flags("flags\t\t: fpu sse2 avx2 avx512f\n") == []
     assert stages.bf16_flags("no flags line") == []
     cpu = torch.device("cpu")
-    assert stages.use_bf16(default_spec(3, 10, precision="bf16"), cpu)
-    assert not stages.use_bf16(default_spec(3, 10, precision="fp32"), cpu)
+    assert stages.use_bf16(default_spec(3, 1000, precision="bf16"), cpu)
+    assert not stages.use_bf16(default_spec(3, 1000, precision="fp32"), cpu)
     monkeypatch.setattr(stages, "cpu_bf16", lambda: True)
     for flag in (True, False):  # conftest pins it off; the choice itself is tested here
         monkeypatch.setattr(stages, "CPU_AUTO_BF16", flag)
-        assert stages.use_bf16(default_spec(3, 10), cpu) is flag
+        assert stages.use_bf16(default_spec(3, 1000), cpu) is flag
     monkeypatch.setattr(stages, "cpu_bf16", lambda: False)
-    assert not stages.use_bf16(default_spec(3, 10), cpu)
+    assert not stages.use_bf16(default_spec(3, 1000), cpu)
