@@ -101,8 +101,9 @@ def evaluate(
     held-out documents of a `--stream` run). Evaluates on up to max_tokens held-out tokens in rows of seq_len.
     Returns the metrics dict of `evaluate_tokens`."""
     dev = resolve_device(device)
-    t = get_teacher(teacher, dev)
+    # The student first: a wrong --model fails at once, before the teacher is loaded (or converted from GGUF).
     student = load_model(model, device=dev) if isinstance(model, (str, Path)) else model.to(dev)
+    t = get_teacher(teacher, dev)
     if student.config.vocab_size != t.model.config.vocab_size:
         raise UsageError(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size "

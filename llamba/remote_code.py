@@ -26,6 +26,9 @@ CONFIG_SOURCES = ("llamba.config",)
 MODELING_SOURCES = ("llamba.ops", "llamba.mixer", "llamba.cache", "llamba.model")
 # Functions (top-level or methods) that only make sense inside the installed package, and calls to them.
 PACKAGE_ONLY = {"register_auto_config", "register_auto_classes", "save_pretrained"}
+# Names of package modules that are not flattened (llamba.errors imports click), defined here instead.
+STAND_INS = {"LlambaError": 'class LlambaError(Exception):\n    """An expected error (llamba.errors.LlambaError inside '
+                            'the package)."""'}
 
 
 def _source(module: str) -> str:
@@ -66,6 +69,8 @@ def _strip(source: str, config_names: set[str]) -> tuple[list[str], list[str]]:
             if module == "llamba.config":
                 names = [a.name for a in node.names if a.name not in PACKAGE_ONLY]
                 config_names.update(names)
+            elif module.startswith("llamba") and any(a.name in STAND_INS for a in node.names):
+                imports.extend(STAND_INS[a.name] for a in node.names if a.name in STAND_INS)
             elif not module.startswith("llamba"):
                 imports.append(ast.get_source_segment(source, node))
         elif _is_package_only(node):
@@ -88,8 +93,10 @@ def _flatten(modules: tuple[str, ...], header: str, relative_config: bool) -> st
         bodies.append(f"# {'-' * 98}\n# source: {module}\n# {'-' * 98}\n" + "\n".join(body).strip("\n"))
     if relative_config and config_names:
         imports.append(f"from .configuration_llamba import {', '.join(sorted(config_names))}")
+    stand_ins = [i for i in imports if i in STAND_INS.values()]
+    imports = [i for i in imports if i not in stand_ins]
     text = f'"""{header}"""\n\nfrom __future__ import annotations\n\n' + "\n".join(imports) + "\n\n\n"
-    return text + "\n\n\n".join(bodies) + "\n"
+    return text + "\n\n\n".join(stand_ins + bodies) + "\n"
 
 
 def remote_code_files() -> dict[str, str]:
