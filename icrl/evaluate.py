@@ -85,14 +85,3 @@ def heldout_loss(model: ADTransformer, h, windows: int = 256, seed: int = 0) -> 
 def score(returns: np.ndarray, optimal: np.ndarray, last_k: int) -> float:
     """returns: (b, E), optimal: (b,) -> mean over tasks of the normalised return of the last k episodes."""
     return float((returns[:, -last_k:] / optimal[:, None]).mean())
-
-
-def expected_max_performance(scores) -> np.ndarray:
-    """Dodge et al. 2019: scores of N random hyperparameter assignments -> (N,) curve, entry n-1 is
-    E[max of n draws] = sum_i v_(i) [(i/N)^n - ((i-1)/N)^n] over the sorted scores."""
-    v = np.sort(np.asarray(scores, dtype=np.float64))
-    big_n = len(v)
-    if big_n == 0:
-        raise ValueError("expected_max_performance needs at least one score")
-    i = np.arange(1, big_n + 1)
-    return np.array([(v * ((i / big_n) ** n - ((i - 1) / big_n) ** n)).sum() for n in range(1, big_n + 1)])

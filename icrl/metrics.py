@@ -11,8 +11,6 @@ from math import comb
 
 import numpy as np
 
-from llamba.icrl.evaluate import expected_max_performance
-
 
 def emp_curve(scores, n_max: int) -> np.ndarray:
     """scores: (N,) -> (n_max,) E[max of n draws], n = 1..n_max, draws with replacement from the N scores
@@ -23,6 +21,11 @@ def emp_curve(scores, n_max: int) -> np.ndarray:
         raise ValueError("emp_curve needs at least one score")
     i = np.arange(1, big_n + 1)
     return np.array([(v * ((i / big_n) ** n - ((i - 1) / big_n) ** n)).sum() for n in range(1, n_max + 1)])
+
+
+def expected_max_performance(scores) -> np.ndarray:
+    """Scores of N random hyperparameter draws -> (N,) curve, entry n-1 = E[max of n draws]."""
+    return emp_curve(scores, len(np.asarray(scores)))
 
 
 def emp_band(scores, n_max: int, reps: int = 1000, level: float = 0.9, seed: int = 0) -> dict:

@@ -5,11 +5,11 @@ import itertools
 import numpy as np
 import pytest
 
-from llamba.icrl.evaluate import expected_max_performance
 from llamba.icrl.metrics import (
     efficiency_ratio,
     emp_band,
     emp_curve,
+    expected_max_performance,
     goals_to_threshold,
     share_at_least,
     sign_test,

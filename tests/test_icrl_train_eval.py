@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from llamba.envs import EnvSpec
-from llamba.icrl.evaluate import EvalConfig, expected_max_performance, in_context_returns, score
+from llamba.icrl.evaluate import EvalConfig, in_context_returns, score
 from llamba.icrl.histories import DataConfig, generate
+from llamba.icrl.metrics import expected_max_performance
 from llamba.icrl.model import ADConfig, ADTransformer
 from llamba.icrl.train import TrainConfig, lr_at, train
 
