@@ -3,6 +3,7 @@ import time
 
 import pytest
 import torch
+from cli_checks import one_line_error
 from click.testing import CliRunner
 
 from llamba.distill.cli import distill, eval_cmd
@@ -123,13 +124,6 @@ def test_cli_single_stage_with_init_from(files):
     assert (root / "t" / "stage3" / "model.safetensors").is_file()
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_bad_input_gives_one_line_errors(files):
@@ -138,10 +132,10 @@ def test_bad_input_gives_one_line_errors(files):
 
     gpt2 = root / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(gpt2)
-    _one_line_error(
+    one_line_error(
         _invoke(distill, ["stage1", "--teacher", str(gpt2), "--out", str(root / "x")]), "gpt2", "model_type"
     )
-    _one_line_error(
+    one_line_error(
         _invoke(
             distill,
             ["stage1", "--teacher", str(teacher), "--data", str(root / "nope.txt"), "--out", str(root / "x")],
@@ -150,7 +144,7 @@ def test_bad_input_gives_one_line_errors(files):
     )
     bad_jsonl = root / "bad.jsonl"
     bad_jsonl.write_text(json.dumps({"body": "x"}) + "\n")
-    _one_line_error(
+    one_line_error(
         _invoke(
             distill, ["stage1", "--teacher", str(teacher), "--data", str(bad_jsonl), "--out", str(root / "x")]
         ),
@@ -189,11 +183,11 @@ def test_bad_input_gives_one_line_errors(files):
 
     ev = ["--teacher", str(teacher), "--data", str(corpus), "--seq-len", "32", "--max-tokens", "64"]
     no_key = with_config("nokey", {k: v for k, v in raw.items() if k != "d_state"})
-    _one_line_error(_invoke(eval_cmd, ["--model", str(no_key), *ev]), "config.json", "d_state")
+    one_line_error(_invoke(eval_cmd, ["--model", str(no_key), *ev]), "config.json", "d_state")
     shape = with_config("shape", {**raw, "intermediate_size": raw["intermediate_size"] * 2})
-    _one_line_error(_invoke(eval_cmd, ["--model", str(shape), *ev]), "model.safetensors", "mlp")
+    one_line_error(_invoke(eval_cmd, ["--model", str(shape), *ev]), "model.safetensors", "mlp")
     dtype = with_config("dtype", {**raw, "dtype": "int8"})
-    _one_line_error(_invoke(eval_cmd, ["--model", str(dtype), *ev]), "config.json", "dtype")
+    one_line_error(_invoke(eval_cmd, ["--model", str(dtype), *ev]), "config.json", "dtype")
     unknown = with_config("unknown", {**raw, "my_extra_key": 1})
     with pytest.warns(UserWarning, match="my_extra_key"):
         result = _invoke(eval_cmd, ["--model", str(unknown), *ev])
@@ -213,7 +207,7 @@ def test_cli_streams_all_three_stages_and_evaluates_on_the_stream_heldout(files)
     result = _invoke(eval_cmd, [*ev, "--stream"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == json.loads((out / "eval.json").read_text())
-    _one_line_error(
+    one_line_error(
         _invoke(distill, ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(root / "y"),
                           "--stream", "--stream-shards", "1000"]),
         "holds no documents", "--stream-shards",

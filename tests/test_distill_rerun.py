@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from cli_checks import one_line_error
 from click.testing import CliRunner
 
 from llamba.distill.cli import distill
@@ -31,14 +32,6 @@ def _invoke(args):
     return CliRunner().invoke(distill, args, catch_exceptions=False)
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _snapshot(root):
@@ -63,11 +56,11 @@ def test_finished_stage_rerun_says_done_and_refuses_other_settings(files):
     assert "stage 1: already done" in again.output and "tokens, loss" not in again.output
 
     more = [("512" if a == "256" else a) for a in _base(teacher, corpus, out)]
-    _one_line_error(_invoke(more), "different `tokens`", "256", "--tokens 256")
-    _one_line_error(_invoke(_base(teacher, corpus, out, "--lr", "0.01")), "different `lr`", f"--lr {STAGES[1].lr}")
-    _one_line_error(_invoke(_base(other, corpus, out)), "run.json", "--teacher", str(teacher), "new --out")
-    _one_line_error(_invoke(_base(teacher, corpus2, out)), "run.json", "--data", str(corpus))
-    _one_line_error(_invoke(_base(teacher, corpus, out, "--init", "attention")), "--init llamba")
+    one_line_error(_invoke(more), "different `tokens`", "256", "--tokens 256")
+    one_line_error(_invoke(_base(teacher, corpus, out, "--lr", "0.01")), "different `lr`", f"--lr {STAGES[1].lr}")
+    one_line_error(_invoke(_base(other, corpus, out)), "run.json", "--teacher", str(teacher), "new --out")
+    one_line_error(_invoke(_base(teacher, corpus2, out)), "run.json", "--data", str(corpus))
+    one_line_error(_invoke(_base(teacher, corpus, out, "--init", "attention")), "--init llamba")
     assert _snapshot(out) == before  # every refusal left the run as it was
 
     corpus_copy = root / "copy.jsonl"  # same path, other content
@@ -75,7 +68,7 @@ def test_finished_stage_rerun_says_done_and_refuses_other_settings(files):
     out2 = root / "content"
     assert _invoke(_base(teacher, corpus_copy, out2)).exit_code == 0
     corpus_copy.write_bytes(corpus2.read_bytes())
-    _one_line_error(_invoke(_base(teacher, corpus_copy, out2)), "content of --data", "changed")
+    one_line_error(_invoke(_base(teacher, corpus_copy, out2)), "content of --data", "changed")
 
 
 def test_half_finished_stage_says_where_it_resumes_and_refuses_another_teacher(files):
@@ -89,8 +82,8 @@ def test_half_finished_stage_says_where_it_resumes_and_refuses_another_teacher(f
     before = _snapshot(out)
     args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "768",
             "--seq-len", "32", "--no-progress"]
-    _one_line_error(_invoke([*args[:2], str(other), *args[3:]]), "--teacher")
-    _one_line_error(_invoke([*args[:4], str(corpus2), *args[5:]]), "--data")
+    one_line_error(_invoke([*args[:2], str(other), *args[3:]]), "--teacher")
+    one_line_error(_invoke([*args[:4], str(corpus2), *args[5:]]), "--data")
     assert _snapshot(out) == before
     result = _invoke(args)
     assert result.exit_code == 0, result.output
@@ -108,7 +101,7 @@ def test_finished_all_rerun_with_another_budget_is_refused(files):
     again = _invoke(args)
     assert again.exit_code == 0, again.output
     assert "already finished" in again.output and "(finished before)" in again.output
-    _one_line_error(_invoke([*args[:8], "3000", *args[9:]]), "--tokens 2000")
+    one_line_error(_invoke([*args[:8], "3000", *args[9:]]), "--tokens 2000")
 
 
 def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_exits_nonzero(files):
@@ -116,7 +109,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_exits_nonzero(
     out = root / "nan"
     args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "1280",
             "--seq-len", "32", "--no-progress", "--lr", "1e6", "--ckpt-every", "0"]
-    line = _one_line_error(_invoke(args), "stage 1: loss nan", "stopped without applying it", "last good checkpoint",
+    line = one_line_error(_invoke(args), "stage 1: loss nan", "stopped without applying it", "last good checkpoint",
                            "--lr")
     stage = out / "stage1"
     assert not (stage / "DONE.json").exists() and not (stage / "model.safetensors").exists()
@@ -126,7 +119,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_exits_nonzero(
     assert rows and all(r["loss"] == r["loss"] for r in rows) and rows[-1]["step"] == step  # no nan row logged
 
     for lr in ("nan", "inf"):  # (negative values are refused by click itself)
-        _one_line_error(_invoke([*args[:-4], "--lr", lr]), "--lr")
+        one_line_error(_invoke([*args[:-4], "--lr", lr]), "--lr")
 
 
 def test_corrupt_teacher_payload_stops_at_the_first_step(files):
@@ -139,7 +132,7 @@ def test_corrupt_teacher_payload_stops_at_the_first_step(files):
     weights[name] = torch.full_like(weights[name], float("nan"))  # header intact, payload corrupt
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     out = root / "nan-teacher-run"
-    _one_line_error(_invoke(_base(bad, corpus, out)), "loss nan", "step 1/", "no checkpoint", "teacher's weights")
+    one_line_error(_invoke(_base(bad, corpus, out)), "loss nan", "step 1/", "no checkpoint", "teacher's weights")
     assert not (out / "stage1" / "DONE.json").exists()
 
 
@@ -158,16 +151,16 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
 
     spec = (stage / "spec.json").read_bytes()
     (stage / "spec.json").write_text("")
-    _one_line_error(_invoke(args), "spec.json is empty", "delete it")
+    one_line_error(_invoke(args), "spec.json is empty", "delete it")
     (stage / "spec.json").write_bytes(spec)
     run = (out / "run.json").read_bytes()
     (out / "run.json").write_text('{"teacher": ')
-    _one_line_error(_invoke(args), "run.json is corrupt")
+    one_line_error(_invoke(args), "run.json is corrupt")
     (out / "run.json").write_bytes(run)
     shard = next((stage / "resume").glob("*.distcp"))
     good = shard.read_bytes()
     shard.write_bytes(good[: len(good) // 3])
-    _one_line_error(_invoke(args), "resume cannot be read", "delete it")
+    one_line_error(_invoke(args), "resume cannot be read", "delete it")
     shard.write_bytes(good)
 
     with open(stage / "metrics.jsonl", "a") as f:  # a kill mid-append tears the last line
@@ -182,7 +175,7 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
 
     done = (stage / "DONE.json").read_bytes()
     (stage / "DONE.json").write_text("")
-    _one_line_error(_invoke(args), "DONE.json is empty", "delete it to train this stage again")
+    one_line_error(_invoke(args), "DONE.json is empty", "delete it to train this stage again")
     (stage / "DONE.json").unlink()  # weights written, DONE.json not: eval warns
     ev = ["--model", str(stage), "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "32",
           "--max-tokens", "64", "--json"]
@@ -214,7 +207,7 @@ def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused
 
     root, teacher, other, corpus, corpus2 = files
     out = root / "tiny-budget"
-    _one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
+    one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
                              "--tokens", "16", "--seq-len", "16", "--batch-size", "32", "--no-progress"]),
                     "budget of 16 tokens", "--batch-size")
     assert not out.exists()
@@ -223,7 +216,7 @@ def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused
         assert _invoke(_base(teacher, corpus, root / "done")).exit_code == 0
     result = CliRunner().invoke(eval_cmd, ["--model", str(done), "--teacher", str(other), "--data", str(corpus),
                                            "--seq-len", "32", "--max-tokens", "64"], catch_exceptions=False)
-    _one_line_error(result, "2 layers", "teacher has 3")
+    one_line_error(result, "2 layers", "teacher has 3")
 
 
 def test_stage1_memory_plan_counts_its_attention_maps(files):
@@ -241,7 +234,7 @@ def test_stage1_memory_plan_counts_its_attention_maps(files):
     plan = memory_plan(build_student(t), t, DistContext(), "none", 512, 4, stage_bytes=extra)
     assert plan["stage extra"] == extra / 2**30 and plan["total"] >= plan["stage extra"]
     out = root / "huge"  # 100k x 100k maps: refused at once, before any data is read
-    _one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
+    one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
                              "--tokens", "1000000", "--seq-len", "100000", "--no-progress"]),
                     "attention maps", "--seq-len")
     assert not (out / "stage1").exists()
