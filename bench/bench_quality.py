@@ -44,10 +44,13 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "demo-lr": ("lr", "the old demo's LRs 1e-3 / 1e-3 / 3e-4",
                 {"stage_overrides": {1: {"lr": 1e-3}, 2: {"lr": 1e-3}, 3: {"lr": 3e-4}}}),
     "lr2-3e-3": ("lr", "stage-2 LR 3e-3", {"stage_overrides": {2: {"lr": 3e-3}}}),
+    "lr2-5e-4": ("lr", "stage-2 LR 5e-4", {"stage_overrides": {2: {"lr": 5e-4}}}),
+    "lr3-1.5e-4": ("lr", "stage-3 LR 1.5e-4", {"stage_overrides": {3: {"lr": 1.5e-4}}}),
     "lr3-1e-3": ("lr", "stage-3 LR 1e-3", {"stage_overrides": {3: {"lr": 1e-3}}}),
     "lr3-1e-4": ("lr", "stage-3 LR 1e-4", {"stage_overrides": {3: {"lr": 1e-4}}}),
     "split-old": ("split", "old split 3.75 / 33.75 / 62.5 %", {"split": {1: 0.0375, 2: 0.3375, 3: 0.625}}),
     "split-s3": ("split", "split 2 / 18 / 80 % (stage 3 heavy)", {"split": {1: 0.02, 2: 0.18, 3: 0.8}}),
+    "split-s2-64": ("split", "split 2 / 64 / 34 % (stage 2 heavier still)", {"split": {1: 0.02, 2: 0.64, 3: 0.34}}),
     "split-s2": ("split", "split 2 / 48 / 50 % (stage 2 heavy)", {"split": {1: 0.02, 2: 0.48, 3: 0.5}}),
     "no-cache": ("cache", "stage 2 one pass, teacher run on every batch (epochs 1)",
                  {"stage_overrides": {2: {"epochs": 1}}}),
@@ -57,6 +60,8 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
                {"stage_overrides": {2: {"seq_len": 128}, 3: {"seq_len": 128}}}),
     "b2s128": ("batch", "stages 2-3: micro-batch 2 x 128 tokens (4x the steps per token)",
                {"stage_overrides": {2: {"seq_len": 128, "batch_size": 2}, 3: {"seq_len": 128, "batch_size": 2}}}),
+    "s3-b1": ("batch", "stage 3: micro-batch 1 x 128 (2x its optimizer steps)",
+              {"stage_overrides": {3: {"batch_size": 1}}}),
     "b1s256": ("batch", "stages 2-3: micro-batch 1 x 256 tokens (4x the steps per token)",
                {"stage_overrides": {2: {"batch_size": 1}, 3: {"batch_size": 1}}}),
     "bf16": ("precision", "bf16 autocast for the student on every stage", {"precision": "bf16"}),
@@ -64,6 +69,10 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
             {"stage_overrides": {2: {"seq_len": 256, "batch_size": 16}, 3: {"seq_len": 256, "batch_size": 16}}}),
     "hard-0.5": ("kd", "stage 3 + 0.5 x hard-label CE", {"stage_overrides": {3: {"hard_weight": 0.5}}}),
     "temp-2": ("kd", "stage 3 temperature 2", {"stage_overrides": {3: {"temperature": 2.0}}}),
+    "teacher-bf16": ("precision", "stage 3: the teacher's forward under bf16 autocast too (now the default)",
+                     {"stage_overrides": {3: {"teacher_bf16": True}}}),
+    "teacher-fp32": ("precision", "stage 3: the teacher's forward in fp32 (the default before teacher-bf16)",
+                     {"stage_overrides": {3: {"teacher_bf16": False}}}),
 }
 
 
@@ -161,7 +170,7 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
             "variant": variant, "lever": lever, "what": what, "tokens": tokens,
             "stage_tokens": {k: s["tokens"] for k, s in res["stages"].items()},
             "specs": {k: {f: spec[f] for f in ("lr", "seq_len", "batch_size", "epochs", "precision", "temperature",
-                                                "hard_weight", "warmup", "decay")}
+                                                "hard_weight", "warmup", "decay", "teacher_bf16")}
                       for k in (1, 2, 3)
                       for spec in [json.loads((out / f"stage{k}" / "spec.json").read_text())]},
             "seed": seed, "threads": threads, "device": str(dev),
@@ -193,9 +202,18 @@ def report(results: Path, append: bool, plot: Path | None, notes: Path | None = 
                 for r in group]
 
     # A variant "a+b" is the lever b added to "a": its table holds the rows of both (same seed), so each lever is
-    # read against the run it changes; plain variants form the ladder (budgets of one recipe).
+    # read against the run it changes. A plain variant run at a budget the `default` ladder also has joins one
+    # table of single levers against that default row; the default rows form the ladder (budgets of one recipe).
     body, names = [], list(dict.fromkeys(r["variant"] for r in rows))
+    default_at = {r["tokens"]: r for r in rows if r["variant"] == "default"}
+    singles = [r for r in rows if "+" not in r["variant"] and r["variant"] != "default" and r["tokens"] in default_at]
+    for tokens in sorted({r["tokens"] for r in singles}):
+        group = [dict(default_at[tokens], what="baseline")] + [
+            dict(r, what=r["what"]) for r in singles if r["tokens"] == tokens]
+        body.append(f"### Single levers on the defaults at {tokens:,} tokens\n\n" + markdown_table(header, fmt(group)))
     for variant in names:
+        if variant in {r["variant"] for r in singles}:
+            continue
         parts = variant.split("+")
         base = next(("+".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if "+".join(parts[:k]) in names),
                     None)
@@ -210,8 +228,11 @@ def report(results: Path, append: bool, plot: Path | None, notes: Path | None = 
             r["what"] = "baseline" if r["variant"] == base else "with the lever" if base else "-"
         body.append(f"### {title}\n\n" + markdown_table(header, fmt(group)))
     r0 = rows[0]
-    intro = (f"CPU {r0['cpu']} ({r0['cores']} cores, bf16 flags: {', '.join(r0['bf16_flags']) or 'none'}), shared "
-             f"with other jobs (load = 1-min load average at start-end of each rung). Teacher: embedded "
+    peak = max(max(r["load_start"], r["load_end"]) for r in rows)
+    busy = ("shared with other jobs" if peak > r0["cores"] + 0.5 else
+            f"no other job beside the runs (peak load {peak:.1f} on {r0['cores']} cores, one rung at a time)")
+    intro = (f"CPU {r0['cpu']} ({r0['cores']} cores, bf16 flags: {', '.join(r0['bf16_flags']) or 'none'}), {busy} "
+             f"(load = 1-min load average at start-end of each rung). Teacher: embedded "
              f"SmolLM2-135M-Instruct (held-out ppl {r0['teacher_ppl']:.2f}); data: default corpus; evaluation on "
              f"{r0['eval_tokens']:,} held-out tokens (fixed 10% document split; {r0['heldout_overlap']:.1%} of their "
              f"32-token windows occur in the training rows: the corpus repeats passages across topics), and "

@@ -36,7 +36,10 @@ def click_option(f: dataclasses.Field):
     kind = _kind(f)
     decls = [meta["param"] or "--" + f.name.replace("_", "-"), f.name]
     if kind is bool:
-        return click.option(*decls, is_flag=True, default=bool(f.default), help=meta["help"])
+        if f.default:  # on by default: the flag's --no- form turns it off
+            return click.option(f"{decls[0]}/--no-{decls[0][2:]}", f.name, default=True, show_default=True,
+                                help=meta["help"])
+        return click.option(*decls, is_flag=True, default=False, help=meta["help"])
     if meta["choices"]:
         ptype = click.Choice(list(meta["choices"]))
     elif kind is float:

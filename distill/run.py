@@ -63,7 +63,7 @@ from llamba.model import LlambaBlock, LlambaForCausalLM
 
 DEFAULT_TOTAL_TOKENS = 24_000  # BENCHMARKS.md, "Distillation quality vs compute": the largest budget measured end to end
 CLI_FLAGS = {"seq_len", "batch_size", "grad_accum", "lr", "seed", "precision", "temperature", "hard_weight",
-             "freeze_mlp", "mixer_only", "epochs", "stream", "stream_shards", "tokens"}
+             "freeze_mlp", "teacher_bf16", "mixer_only", "epochs", "stream", "stream_shards", "tokens"}
 
 
 class Interrupted(LlambaError, RuntimeError):

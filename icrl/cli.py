@@ -40,7 +40,8 @@ env_option = click.option("--env", type=click.Choice(ENVS), required=True, help=
 config_option = click.option(
     "--config",
     default=None,
-    help="JSON config file or a shipped name (darkroom, darkroom_cell, keytodoor, tiny); default: the env's.",
+    help="JSON config file or a shipped name (icrl/configs: darkroom, darkroom_cell, keytodoor, paper_darkroom, "
+         "paper_keytodoor, tiny); default: the env's.",
 )
 
 

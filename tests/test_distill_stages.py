@@ -59,6 +59,24 @@ def test_stage3_reduces_kl_to_the_teacher(setup, tmp_path, kw):
     assert last < first
 
 
+@pytest.mark.parametrize("teacher_bf16", [False, True])
+def test_stage3_teacher_runs_in_bf16_only_when_asked(setup, teacher_bf16):
+    """--teacher-bf16 puts the teacher's forward under the student's bf16 autocast; off, it stays fp32."""
+    from llamba.distill.stages import stage3_step
+
+    teacher, docs = setup
+    spec = default_spec(3, tokens=128, seq_len=32, batch_size=2, precision="bf16", teacher_bf16=teacher_bf16)
+    seen = []
+    hook = teacher.model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        ids = build_token_data(docs, teacher.tokenizer, 32).train[:2]
+        loss, _ = stage3_step(build_student(teacher.model, seed=0), teacher.model, spec, torch.device("cpu"))(ids, 1.0)
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16 if teacher_bf16 else torch.float32]
+    assert loss == loss and loss > 0  # finite
+
+
 def test_stage1_trains_only_mixers_and_input_norms(setup, tmp_path):
     teacher, _ = setup
     before = build_student(teacher.model, seed=0)
