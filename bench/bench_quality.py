@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_section, markdown_table  # noqa: E402
 
-RESULTS = ROOT / "runs" / "bench_quality" / "results.jsonl"
+RESULTS = ROOT / "bench" / "results" / "quality.jsonl"  # committed: the tables of BENCHMARKS.md come from it
 
 # name -> (lever, what it changes, distill_all keyword arguments). "default" is whatever the code defaults are.
 # Variants compose: `--variant demo-lr+split-s2` merges both (later ones win, stage by stage).
@@ -46,6 +46,7 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "lr2-3e-3": ("lr", "stage-2 LR 3e-3", {"stage_overrides": {2: {"lr": 3e-3}}}),
     "lr2-5e-4": ("lr", "stage-2 LR 5e-4", {"stage_overrides": {2: {"lr": 5e-4}}}),
     "lr3-1.5e-4": ("lr", "stage-3 LR 1.5e-4", {"stage_overrides": {3: {"lr": 1.5e-4}}}),
+    "lr3-3e-4": ("lr", "stage-3 LR 3e-4 (the default before lr3-1.5e-4 won)", {"stage_overrides": {3: {"lr": 3e-4}}}),
     "lr3-1e-3": ("lr", "stage-3 LR 1e-3", {"stage_overrides": {3: {"lr": 1e-3}}}),
     "lr3-1e-4": ("lr", "stage-3 LR 1e-4", {"stage_overrides": {3: {"lr": 1e-4}}}),
     "split-old": ("split", "old split 3.75 / 33.75 / 62.5 %", {"split": {1: 0.0375, 2: 0.3375, 3: 0.625}}),
@@ -156,7 +157,7 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
           f"{clean.shape[0]} held-out rows without any ({overlap_fraction(td.train, clean):.1%})", flush=True)
     results.parent.mkdir(parents=True, exist_ok=True)
     for tokens in budgets:
-        out = results.parent / f"{variant}__{tokens}__s{seed}"
+        out = ROOT / "runs" / "bench_quality" / f"{variant}__{tokens}__s{seed}"  # run dirs stay out of the repo
         shutil.rmtree(out, ignore_errors=True)
         load0 = os.getloadavg()[0]
         c0, w0 = cpu_seconds(), time.perf_counter()
@@ -206,7 +207,7 @@ def report(results: Path, append: bool, plot: Path | None, notes: Path | None = 
     # table of single levers against that default row; the default rows form the ladder (budgets of one recipe).
     body, names = [], list(dict.fromkeys(r["variant"] for r in rows))
     default_at = {r["tokens"]: r for r in rows if r["variant"] == "default"}
-    singles = [r for r in rows if "+" not in r["variant"] and r["variant"] != "default" and r["tokens"] in default_at]
+    singles = [r for r in rows if "+" not in r["variant"] and r.get("lever") != "ladder" and r["tokens"] in default_at]
     for tokens in sorted({r["tokens"] for r in singles}):
         group = [dict(default_at[tokens], what="baseline")] + [
             dict(r, what=r["what"]) for r in singles if r["tokens"] == tokens]
@@ -257,13 +258,16 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=90)
-    for variant in dict.fromkeys(r["variant"] for r in rows):
+    for variant in dict.fromkeys(r["variant"] for r in rows if r.get("lever") == "ladder"):  # recipes: lines
         pts = sorted((r["cpu_s"] / 60, r["ppl_ratio"]) for r in rows if r["variant"] == variant)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=variant, ms=4)
+    levers = [(r["cpu_s"] / 60, r["ppl_ratio"]) for r in rows if r.get("lever") != "ladder"]
+    if levers:  # ablation rows: points
+        ax.plot([p[0] for p in levers], [p[1] for p in levers], "x", color="gray", ms=5, label="single levers")
     ax.axhline(3.0, color="gray", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("CPU-minutes (distill all, shared 2-core CPU)")
+    ax.set_xlabel("CPU-minutes (distill all, all threads)")
     ax.set_ylabel("held-out ppl ratio (student / teacher)")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", lw=0.3)

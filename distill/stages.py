@@ -327,8 +327,9 @@ class Stage:
 
 
 # Defaults for budgets a laptop can spend (tens of thousands of tokens), measured with bench/bench_quality.py
-# (BENCHMARKS.md, "Distillation quality vs compute"). The reference (§4.4, Llamba-1B, billions of tokens) uses LR
-# 1e-4 / 1e-4 / 5e-5 and token shares 3.75 / 33.75 / 62.5%; at a few dozen steps those LRs barely move the student.
+# (BENCHMARKS.md, "Distillation quality vs compute"; at 24k tokens stage-2 LR 1e-3 beat 5e-4 and 3e-3, stage-3
+# 1.5e-4 beat 3e-4 and 1e-3). The reference (§4.4, Llamba-1B, billions of tokens) uses LR 1e-4 / 1e-4 / 5e-5
+# and token shares 3.75 / 33.75 / 62.5%; at a few dozen steps those LRs barely move the student.
 # Stage 1 gets one or two steps (at these budgets it does not change the per-layer error) and compares l x l maps per
 # head, so its rows are short; stage 2 (layer-local, teacher-forced, 4 passes over cached teacher states) is where
 # the cheap progress is. Micro-batches of 2 x 128 give 4x the optimizer steps per token of 4 x 256, the largest
@@ -338,7 +339,7 @@ STAGES: dict[int, Stage] = {
              _stage1_memory),
     2: Stage(2, "hidden-state alignment", 1e-3, 0.48, 128, 2, _trains_stage2, True, stage2_step,
              Stage2Options, epochs=4),
-    3: Stage(3, "end-to-end knowledge distillation", 3e-4, 0.50, 128, 2, _trains_stage3, False, stage3_step,
+    3: Stage(3, "end-to-end knowledge distillation", 1.5e-4, 0.50, 128, 2, _trains_stage3, False, stage3_step,
              Stage3Options),
 }
 

@@ -10,7 +10,7 @@ import click
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Run directory; re-running resumes and skips what is done.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None,
-              help="Total distillation budget in tokens (default: `llamba distill all`'s, sized for ~15 min on 2 CPU cores).")
+              help="Total distillation budget in tokens (default: `llamba distill all`'s, sized for <= 20 min on 2 idle CPU cores).")
 @click.option("--q-bits", type=click.Choice(["4", "8", "none"]), default="8", show_default=True,
               help="Quantization of the MLX export.")
 @click.option("--prompt", default="What is the capital of France?", show_default=True,
