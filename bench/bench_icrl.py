@@ -161,10 +161,10 @@ def from_run(run_dir: str, env: str, config: str, title: str, note: str) -> str:
         "",
         f"## {title}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, **shared** with other "
-        f"jobs (load average {' / '.join(load)} when this section was written); {now}. Config `{config}`, "
-        f"{summary['runs_done']} of {summary['runs_total']} runs; {np.mean(train_s):.0f} s per run on average "
-        "(train + eval). Made by `bench/bench_icrl.py --from-run`.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (load average "
+        f"{' / '.join(load)} when this section was written; the note says what ran beside the grid); {now}. Config "
+        f"`{config}`, {summary['runs_done']} of {summary['runs_total']} runs; median {np.median(train_s):.0f} s per "
+        "run (train + eval, one torch thread each). Made by `bench/bench_icrl.py --from-run`.",
         "",
     ]
     if note:
