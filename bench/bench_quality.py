@@ -72,6 +72,8 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "temp-2": ("kd", "stage 3 temperature 2", {"stage_overrides": {3: {"temperature": 2.0}}}),
     "teacher-bf16": ("precision", "stage 3: the teacher's forward under bf16 autocast too (now the default)",
                      {"stage_overrides": {3: {"teacher_bf16": True}}}),
+    "grouped-bc": ("arch", "B/C heads grouped to the teacher's 3 KV heads (--qk-heads 3; issue 15's speed lever)",
+                   {"qk_heads": 3}),
     "teacher-fp32": ("precision", "stage 3: the teacher's forward in fp32 (the default before teacher-bf16)",
                      {"stage_overrides": {3: {"teacher_bf16": False}}}),
 }
@@ -174,6 +176,7 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
                                                 "hard_weight", "warmup", "decay", "teacher_bf16")}
                       for k in (1, 2, 3)
                       for spec in [json.loads((out / f"stage{k}" / "spec.json").read_text())]},
+            "qk_heads": student.config.n_qk_heads, "params": sum(p.numel() for p in student.parameters()),
             "seed": seed, "threads": threads, "device": str(dev),
             "ppl_ratio": ev["ppl_ratio"], "student_ppl": ev["student_ppl"], "teacher_ppl": ev["teacher_ppl"],
             "init_ppl_ratio": res["init"]["ppl_ratio"], "kl": ev["kl"], "top1": ev["top1_agreement"],

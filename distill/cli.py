@@ -49,6 +49,10 @@ class RunOptions:
                               low_open=True)
     seed: int = option(StageSpec.seed, "Seed of the student init and the batch order.")
     init: str = option("llamba", "Mixer init of the student (stage 1 start).", choices=INIT_CHOICES)
+    qk_heads: int | None = option(None, "B/C head groups of the student's mixers (n_qk_heads; default: one per "
+                                        "teacher attention head). The teacher's KV-head count (3 for SmolLM2) shares "
+                                        "B and C like GQA shares K and V: fewer weights and a faster forward; see "
+                                        "BENCHMARKS.md for its quality cost.", low=1)
     precision: str = option(StageSpec.precision, "auto = bf16 on a GPU that supports it (FSDP2: bf16 params/compute, "
                             "fp32 master weights and reductions; DDP / one process: bf16 autocast) and bf16 autocast on "
                             "a CPU with avx512_bf16/amx_bf16 (LLAMBA_CPU_BF16=0 disables), fp32 elsewhere; fp32 turns "
@@ -76,7 +80,8 @@ class RunOptions:
         spec = {k: getattr(self, k) for k in self.SPEC_FIELDS if getattr(self, k) is not None}
         for opts in stage_options:
             spec.update(dataclasses.asdict(opts))
-        return dict(teacher=self.teacher, out=self.out, data=self.data, init=self.init, device=self.device,
+        return dict(teacher=self.teacher, out=self.out, data=self.data, init=self.init, qk_heads=self.qk_heads,
+                    device=self.device,
                     text_field=self.text_field, progress=not self.no_progress, ckpt_every_s=self.ckpt_every,
                     strategy=self.strategy, teacher_strategy=self.teacher_strategy,
                     activation_checkpointing=self.activation_checkpointing, **spec)

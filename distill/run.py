@@ -412,6 +412,7 @@ def stage_start(
     seed: int,
     device: torch.device,
     ctx: DistContext | None = None,
+    qk_heads: int | None = None,
 ) -> LlambaForCausalLM:
     """The student a stage starts from: --init-from, else the previous stage of this run, else (the first stage)
     the initialized student saved under RUN_DIR/init (built once by rank 0, so re-runs and all ranks start from the
@@ -428,12 +429,29 @@ def stage_start(
             )
         return load_model(prev.path, device=device)
     init_dir = RunDir(out).init_dir
+    qk = student_qk_heads(teacher, qk_heads)
     if ctx.is_main and not (init_dir / "config.json").is_file():
-        student = build_student(teacher.model, init=init, seed=seed)
+        student = build_student(teacher.model, init=init, seed=seed, n_qk_heads=qk)
         StageDir(init_dir).save_weights(student, teacher.tokenizer)
-        write_json(init_dir / "init.json", {"init": init, "seed": seed}, indent=None)
+        write_json(init_dir / "init.json", {"init": init, "seed": seed, "qk_heads": qk}, indent=None)
     ctx.barrier()
-    return load_model(init_dir, device=device)
+    student = load_model(init_dir, device=device)
+    if student.config.n_qk_heads != qk:  # a run begun before run.json recorded qk_heads
+        raise RunError(f"{init_dir}: this run's student has {student.config.n_qk_heads} B/C heads (now --qk-heads "
+                       f"{qk}); use a new --out, or pass --qk-heads {student.config.n_qk_heads} to continue it")
+    return student
+
+
+def student_qk_heads(teacher: Teacher, qk_heads: int | None) -> int:
+    """The student's B/C head groups: --qk-heads, else one per teacher attention head. Must divide the heads."""
+    heads = teacher.model.config.num_attention_heads
+    if qk_heads is None:
+        return heads
+    if qk_heads < 1 or heads % qk_heads:
+        kv = getattr(teacher.model.config, "num_key_value_heads", None) or heads
+        raise RunError(f"--qk-heads {qk_heads} must divide the teacher's {heads} attention heads (e.g. its {kv} KV "
+                       f"heads, or {heads}, the default)")
+    return qk_heads
 
 
 def check_stage_memory(spec: StageSpec, t: Teacher, ctx: DistContext) -> None:
@@ -481,6 +499,7 @@ def distill_stage(
     strategy: str = "auto",
     activation_checkpointing: bool = False,
     teacher_strategy: str = "auto",
+    qk_heads: int | None = None,
     _checked: bool = False,
     **spec_overrides,
 ) -> dict:
@@ -499,8 +518,9 @@ def distill_stage(
         raise RunError("--epochs > 1 cycles over an in-memory pool of rows; drop --stream or use --epochs 1")
     t = _load_teacher(teacher, ctx)
     check_stage_memory(spec, t, ctx)
+    qk = student_qk_heads(t, qk_heads)
     if not _checked:
-        _check_run(out, t, data, text_field, init, ctx)
+        _check_run(out, t, data, text_field, init, ctx, qk_heads=qk)
     sdir = RunDir(out).stage(stage)
     record = stage_record(spec, start_name(stage, init_from))
     done = sdir.done()
@@ -518,8 +538,8 @@ def distill_stage(
         if spec.epochs > 1:
             token_data = epoch_pool(token_data, spec.tokens, spec.epochs, spec.seed)
     if not _checked:
-        _check_run(out, t, data, text_field, init, ctx, write=True)
-    student = stage_start(out, stage, t, init, init_from, spec.seed, dev, ctx)
+        _check_run(out, t, data, text_field, init, ctx, write=True, qk_heads=qk)
+    student = stage_start(out, stage, t, init, init_from, spec.seed, dev, ctx, qk_heads=qk)
     return train_stage(spec, student, t, token_data, sdir.path, dev, progress, ckpt_every_s, stop_after, ctx,
                        strategy, activation_checkpointing, teacher_strategy, start=record.get("start"))
 
@@ -540,6 +560,7 @@ def distill_all(
     activation_checkpointing: bool = False,
     teacher_strategy: str = "auto",
     split: dict[int, float] | None = None,
+    qk_heads: int | None = None,
     **spec_overrides,
 ) -> dict:
     """The main job: init -> every stage of the registry in order -> held-out evaluation, resumable at any point.
@@ -562,16 +583,17 @@ def distill_all(
         budget[k] = max(budget[k], default_spec(k, 1 << 40, **settings).tokens_per_step)
         default_spec(k, budget[k], **settings)
     t = _load_teacher(teacher, ctx)
-    rd = _check_run(out, t, data, text_field, init, ctx, tokens=tokens)
+    qk = student_qk_heads(t, qk_heads)
+    rd = _check_run(out, t, data, text_field, init, ctx, tokens=tokens, qk_heads=qk)
     stream = bool(spec_overrides.get("stream"))
     docs = None if stream else load_documents(data, text_field, t.model, t.tokenizer)
-    _check_run(out, t, data, text_field, init, ctx, write=True, tokens=tokens)
+    _check_run(out, t, data, text_field, init, ctx, write=True, tokens=tokens, qk_heads=qk)
     seed = spec_overrides.get("seed") or 0
     result = {"out": str(out), "stages": {}}
 
     # Evaluations run on every rank (a sharded teacher's forward is a collective); rank 0 writes them.
     init_eval = rd.init_dir / "eval.json"
-    student = stage_start(out, min(STAGES), t, init, None, seed, dev, ctx)
+    student = stage_start(out, min(STAGES), t, init, None, seed, dev, ctx, qk_heads=qk)
     if ctx.broadcast_object(not init_eval.is_file()):
         held = heldout_rows(t, 256, data, text_field, docs, stream)
         n = max(1, min(held.shape[0], eval_tokens // 256))
@@ -599,6 +621,7 @@ def distill_all(
             strategy=strategy,
             activation_checkpointing=activation_checkpointing,
             teacher_strategy=teacher_strategy,
+            qk_heads=qk,
             _checked=True,
             **overrides,
         )

@@ -22,7 +22,8 @@ from llamba.errors import LlambaError
 
 RUN_FILE = "run.json"
 IDENTITY_FLAGS = {"teacher": "--teacher", "teacher_config": "--teacher", "data": "--data",
-                  "data_fingerprint": "--data", "text_field": "--text-field", "init": "--init"}
+                  "data_fingerprint": "--data", "text_field": "--text-field", "init": "--init",
+                  "qk_heads": "--qk-heads"}
 
 
 class RunError(LlambaError, ValueError):

@@ -164,7 +164,14 @@ def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -
     help="Comma-separated subset of the config's methods to run now (e.g. ad,ngram); the others can be run "
     "later into the same --out. Default: all.",
 )
-def run(env: str, config: str | None, out: str, workers: int, methods: str | None) -> None:
+@click.option(
+    "--draws",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run only the first N of the config's hyperparameter draws now (each method and budget gets the same "
+    "draws); a later run with a larger N, or none, into the same --out adds the rest. Default: all.",
+)
+def run(env: str, config: str | None, out: str, workers: int, methods: str | None, draws: int | None) -> None:
     """Run the config's experiment grid; writes results.csv/.md, summary.json and PNG plots.
 
     Resumable: finished runs are kept in OUT/runs.jsonl, so re-running the same command after a kill continues
@@ -177,10 +184,13 @@ def run(env: str, config: str | None, out: str, workers: int, methods: str | Non
     bad = [m for m in only if m not in g.methods]
     if bad or not only:
         raise click.ClickException(f"unknown --methods {bad}; the config defines {list(g.methods)}")
-    total = len(g.budgets) * len(only) * g.draws * cfg.train.steps
+    n_draws = g.draws if draws is None else min(draws, g.draws)
+    total = len(g.budgets) * len(only) * n_draws * cfg.train.steps
     with _bar("grid (train steps)", total) as advance:
         try:
-            summary = run_grid(cfg, out, progress=advance, log=click.echo, workers=workers, methods=only)
+            summary = run_grid(
+                cfg, out, progress=advance, log=click.echo, workers=workers, methods=only, draws=n_draws
+            )
         except ValueError as e:
             raise click.ClickException(str(e)) from None
     click.echo((Path(out) / "results.md").read_text())

@@ -177,17 +177,20 @@ def run_grid(
     log=print,
     workers: int = 1,
     methods: list[str] | None = None,
+    draws: int | None = None,
 ) -> dict:
     """Run (or resume) the whole grid in run directory ``out``; writes results.csv, results.md, summary.json
     and plots there. ``workers`` > 1 trains that many runs at once in separate processes (one torch thread
     each), which die with the parent; the results are the same as with one worker and the same after a resume,
-    since every run is seeded by its draw index. ``methods``: run only these of the grid's methods now."""
+    since every run is seeded by its draw index. ``methods``: run only these of the grid's methods now;
+    ``draws``: only the first this many of the grid's draws now (a later call with more extends the same grid)."""
     store = RunStore(out, run_spec(cfg))
     out = Path(out)
     g = cfg.grid
     data = budget_data(cfg, log)
     jobs = []
-    for draw in range(g.draws):
+    n_draws = g.draws if draws is None else min(draws, g.draws)
+    for draw in range(n_draws):
         hp = draw_hparams(g.search, g.seed, draw)
         for b_i, d in enumerate(data):
             for method, overrides in g.methods.items():

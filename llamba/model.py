@@ -239,12 +239,58 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def step(self, input_ids: torch.LongTensor, state: LlambaState) -> torch.Tensor:
         """One token per sequence: input_ids (b,) -> logits (b, v) fp32; `state` is updated in place."""
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is not None:
+            logits = self._run_compiled_step(compiled, input_ids, state)
+            if logits is not None:
+                state.seqlen += 1
+                return logits
         h = self.backbone.embedding(input_ids)
         for i, block in enumerate(self.backbone.layers):
             h, new_state = block.step(h, state.layer(i))
             state.update(i, new_state)
         state.seqlen += 1
         return self.lm_head(self.backbone.final_layernorm(h)).float()
+
+    def use_compiled_step(self, enabled: bool = True) -> LlambaForCausalLM:
+        """Decode through torch.compile (inductor) of one whole `step`: every layer and the head as one graph
+        that writes the state back in place, so the graph is reused at every context length.
+
+        Opt-in (`llamba chat/generate --compile`): the first step compiles (about a minute on 2 CPU cores; again
+        for another batch size); it gave 1.21x eager tok/s there (BENCHMARKS.md, issue 15). If compiling fails,
+        one warning and the eager step from then on."""
+        self.__dict__["_compiled_step"] = {"fn": None} if enabled else None
+        return self
+
+    def _step_graph(self, input_ids, conv: list[torch.Tensor], ssm: list[torch.Tensor]) -> torch.Tensor:
+        # input_ids: (b,); conv[i]: (b, conv_dim, k-1), ssm[i]: (b, h, p, n) fp32, both overwritten in place
+        h = self.backbone.embedding(input_ids)
+        for i, block in enumerate(self.backbone.layers):
+            h, (c, s) = block.step(h, (conv[i], ssm[i]))
+            conv[i].copy_(c)
+            if s is not ssm[i]:
+                ssm[i].copy_(s)
+        return self.lm_head(self.backbone.final_layernorm(h)).float()
+
+    def _run_compiled_step(self, compiled: dict, input_ids, state: LlambaState) -> torch.Tensor | None:
+        import warnings
+
+        # The graph writes into the state: each tensor must be a plain one of its own (a prefill leaves views
+        # into its conv window, inference mode leaves inference tensors).
+        for tensors in (state.conv, state.ssm):
+            for i, t in enumerate(tensors):
+                if not t.is_contiguous() or t.requires_grad or (t.is_inference() and not torch.is_inference_mode_enabled()):
+                    tensors[i] = t.detach().clone(memory_format=torch.contiguous_format)
+        try:
+            if compiled["fn"] is None:
+                compiled["fn"] = torch.compile(self._step_graph, dynamic=False)
+            return compiled["fn"](input_ids, state.conv, state.ssm)
+        except Exception as e:  # no C++ compiler, unsupported op or platform: eager from now on
+            self.__dict__["_compiled_step"] = None
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {first}); decoding "
+                          "eagerly", stacklevel=3)
+            return None
 
 
 def register_auto_classes() -> None:

@@ -71,6 +71,35 @@ def test_finished_stage_rerun_says_done_and_refuses_other_settings(files):
     one_line_error(_invoke(_base(teacher, corpus_copy, out2)), "content of --data", "changed")
 
 
+def test_grouped_bc_heads_build_a_grouped_student_and_are_part_of_the_run(files):
+    """--qk-heads 2 (the tiny teacher's KV heads): a student with 2 B/C groups that trains; a re-run without the
+    flag is refused naming it; a count that does not divide the teacher's 4 heads is a one-line error."""
+    from llamba.checkpoints import load_model
+
+    root, teacher, other, corpus, corpus2 = files
+    out = root / "grouped"
+    res = _invoke(_base(teacher, corpus, out, "--qk-heads", "2"))
+    assert res.exit_code == 0, res.output
+    student = load_model(out / "stage1")
+    assert student.config.n_qk_heads == 2 and student.config.n_v_heads == 4
+    assert json.loads((out / "init" / "init.json").read_text())["qk_heads"] == 2
+    before = _snapshot(out)
+    one_line_error(_invoke(_base(teacher, corpus, out)), "--qk-heads 2 (now 4)", "pass --qk-heads 2")
+    one_line_error(_invoke(_base(teacher, corpus, root / "bad", "--qk-heads", "3")), "--qk-heads 3 must divide",
+                   "4 attention heads", "its 2 KV heads")
+    one_line_error(_invoke(_base(teacher, corpus, root / "bad2", "--qk-heads", "2", "--init", "attention")),
+                   "--init attention needs n_v_heads = n_qk_heads = 4")
+    assert _snapshot(out) == before
+    # a run dir begun before run.json recorded qk_heads: the saved init student is what counts
+    run_json = out / "run.json"
+    rec = json.loads(run_json.read_text())
+    del rec["qk_heads"]
+    run_json.write_text(json.dumps(rec))
+    for k in (1,):
+        (out / f"stage{k}" / "DONE.json").unlink()
+    one_line_error(_invoke(_base(teacher, corpus, out)), "2 B/C heads (now --qk-heads 4)", "--qk-heads 2")
+
+
 def test_half_finished_stage_says_where_it_resumes_and_refuses_another_teacher(files):
     root, teacher, other, corpus, corpus2 = files
     out = root / "half"

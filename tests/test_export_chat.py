@@ -67,3 +67,18 @@ def test_torch_backend_matches_mlx_greedy(dirs):
 def test_not_a_model_dir_is_one_line(tmp_path):
     res = CliRunner().invoke(generate, ["--model", str(tmp_path), "--prompt", "hi"])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and "config.json" in res.output
+
+
+def test_compile_flag_reaches_the_torch_model_and_is_refused_for_mlx(dirs, monkeypatch):
+    from llamba.model import LlambaForCausalLM
+
+    calls = []
+    monkeypatch.setattr(LlambaForCausalLM, "use_compiled_step", lambda self, enabled=True: calls.append(enabled))
+    runner = CliRunner()
+    args = ["--prompt", "what is the sun", "--max-tokens", "4"]
+    plain = runner.invoke(generate, ["--model", str(dirs[0]), *args])
+    res = runner.invoke(generate, ["--model", str(dirs[0]), "--compile", *args])
+    assert res.exit_code == 0 and calls == [True] and res.stdout == plain.stdout, res.output
+    res = runner.invoke(generate, ["--model", str(dirs[1]), "--compile", *args])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "--compile is for the torch backend" in res.output and len(res.output.strip().splitlines()) == 1

@@ -77,3 +77,40 @@ def test_stream_yields_tokens_one_by_one(model):
     stream = stream_generate(model, [1, 2], max_new_tokens=3)
     assert isinstance(next(stream), int)
     assert len(list(stream)) == 2
+
+
+def test_compiled_step_matches_the_eager_step(model):
+    """use_compiled_step: one torch.compile graph per step writing the state in place gives the eager logits
+    (relative error) and state at every step, starting from a prefill's state (views into its conv window)."""
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 9))
+    eager_state, comp_state = model.alloc_state(1), model.alloc_state(1)
+    with torch.no_grad():
+        model(prompt, state=eager_state)
+        model(prompt, state=comp_state)
+    twin = LlambaForCausalLM(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    twin.use_compiled_step()
+    tok = torch.tensor([3])
+    for _ in range(5):
+        ref, got = model.step(tok, eager_state), twin.step(tok, comp_state)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+        tok = ref.argmax(-1)
+    assert twin.__dict__["_compiled_step"] is not None, "compile fell back to eager"
+    assert comp_state.seqlen == eager_state.seqlen == 9 + 5
+    for a, b in zip(eager_state.conv + eager_state.ssm, comp_state.conv + comp_state.ssm, strict=True):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-5
+
+
+def test_compiled_step_falls_back_to_eager_with_one_warning(model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nmore lines")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    state, ref_state = model.alloc_state(1), model.alloc_state(1)
+    ref = model.step(torch.tensor([2]), ref_state)
+    model.use_compiled_step()
+    with pytest.warns(UserWarning, match=r"torch.compile of the decode step failed \(RuntimeError: no C\+\+ compiler\)"):
+        got = model.step(torch.tensor([2]), state)
+    assert torch.equal(got, ref) and state.seqlen == 1 and model.__dict__["_compiled_step"] is None
+    model.step(torch.tensor([2]), state)  # eager from now on: no second warning, no error

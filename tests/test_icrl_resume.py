@@ -82,6 +82,26 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, wor
     assert runs.read_bytes().count(b"\n") == len(expected)  # the torn line is gone, nothing done twice
 
 
+def test_first_draws_now_the_rest_later_give_the_whole_grid(reference, tmp_path):
+    """--draws N runs draws 0..N-1 of every method and budget; a later run without it adds the rest, and the
+    grid ends equal to the one run in one go."""
+    cfg_path, expected = reference
+    out = tmp_path / "out"
+    base = ["run", "--env", "darkroom", "--config", str(cfg_path), "--out", str(out)]
+    r = CliRunner()
+    res = r.invoke(icrl, [*base, "--draws", "1"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["draw"] for r in rows} == {"0"} and len(rows) == len(expected) // 2
+    assert f"{len(rows)} of {len(expected)} runs finished" in res.output
+    res = r.invoke(icrl, base)
+    assert res.exit_code == 0, res.output
+    assert f"resuming: {len(expected) // 2} of {len(expected)} runs already done" in res.output
+    assert _rows(out) == expected
+    res = r.invoke(icrl, [*base, "--draws", "0"])
+    assert res.exit_code != 0 and "Invalid value for '--draws'" in res.output
+
+
 def test_rerun_with_another_config_is_refused_and_changes_nothing(tmp_path):
     out = tmp_path / "out"
     first = _config(tmp_path, steps=5)
