@@ -269,20 +269,10 @@ def compiled_scan(inputs, reps: int, chunk: int = 128) -> dict:
 
 def compiled_decode(student, tokens: int, reps: int) -> dict:
     """torch.compile (inductor, CPU) of one whole decode step (30 layers + head) vs eager `student.step`, both on
-    a state of 256 tokens. The compiled function takes the state tensors as arguments and writes the new state
-    back in place, so one graph serves every step (no recompiles on `seqlen`)."""
+    a state of 256 tokens: the model's own step graph (`LlambaForCausalLM.use_compiled_step`), which takes the
+    state tensors as arguments and writes the new state back in place, so one graph serves every step."""
     state = student_state(student, 256)
-
-    def core(tok, conv, ssm):  # tok: (1,); conv, ssm: per-layer state tensors, updated in place
-        h = student.backbone.embedding(tok)
-        for i, block in enumerate(student.backbone.layers):
-            h, (c, s) = block.step(h, (conv[i], ssm[i]))
-            conv[i].copy_(c)
-            if s is not ssm[i]:
-                ssm[i].copy_(s)
-        return student.lm_head(student.backbone.final_layernorm(h)).float()
-
-    compiled = torch.compile(core, dynamic=False)
+    compiled = torch.compile(student._step_graph, dynamic=False)  # what `use_compiled_step` / `--compile` runs
 
     def eager():
         with torch.inference_mode():
