@@ -8,6 +8,7 @@ Sub-layer names follow Llama (and cartesia's checkpoints) so teacher weights cop
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,8 +274,6 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         return self.lm_head(self.backbone.final_layernorm(h)).float()
 
     def _run_compiled_step(self, compiled: dict, input_ids, state: LlambaState) -> torch.Tensor | None:
-        import warnings
-
         # The graph writes into the state: each tensor must be a plain one of its own (a prefill leaves views
         # into its conv window, inference mode leaves inference tensors).
         for tensors in (state.conv, state.ssm):
