@@ -117,13 +117,15 @@ def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -
     import torch
 
     from llamba.icrl.evaluate import in_context_returns, score
-    from llamba.icrl.model import ADTransformer
+    from llamba.icrl.model import ADTransformer, OldMarkerCheckpoint
 
     cfg = _load(env, config)
     if not Path(checkpoint).exists():
         raise click.ClickException(f"checkpoint {checkpoint} not found; train one with `llamba icrl train`")
     try:
         model = ADTransformer.from_checkpoint(torch.load(checkpoint, weights_only=False))
+    except OldMarkerCheckpoint as e:
+        raise click.ClickException(f"{checkpoint}: {e}") from None
     except Exception as e:  # any unreadable / foreign file
         raise click.ClickException(f"{checkpoint} is not an icrl checkpoint ({type(e).__name__})") from None
     if model.cfg.num_states != cfg.spec.num_states:

@@ -37,24 +37,27 @@ def in_context_returns(model: ADTransformer, spec: EnvSpec, tasks: np.ndarray, c
     env = spec.batched(tasks)
     b = env.b
     # running context per task; ragged only while it fills up, so forward passes group equal lengths
-    ctx = [[] for _ in range(b)]  # list of (s_t, a_{t-1}, r_{t-1})
+    ctx = [[] for _ in range(b)]  # list of (s_t, a_{t-1}, r_{t-1}, episode start)
+    # pads only at the history start; across episodes a_{t-1}, r_{t-1} carry the last step (e.g. the door reward)
     prev_a, prev_r = np.full(b, c.num_actions), np.full(b, c.num_rewards)
     returns = np.zeros((b, cfg.episodes))
     for e in range(cfg.episodes):
         obs = env.reset(rng)
-        if c.episode_marker:  # the first token of an episode carries pads, as in training
-            prev_a, prev_r = np.full(b, c.num_actions), np.full(b, c.num_rewards)
+        # True while a task's next token is its episode's first (fed as the flag with episode_marker)
+        first = np.ones(b, bool)
         while not env.done.all():
             active = np.flatnonzero(~env.done)
             for i in active:
-                ctx[i].append((obs[i], prev_a[i], prev_r[i]))
+                ctx[i].append((obs[i], prev_a[i], prev_r[i], first[i]))
                 del ctx[i][: -c.seq_len]
+            first[active] = False
             actions = np.zeros(b, np.int64)
             lengths = np.array([len(ctx[i]) for i in active])
             for length in np.unique(lengths):
                 group = active[lengths == length]
-                seq = torch.tensor(np.array([ctx[i] for i in group]), dtype=torch.long)  # (g, l, 3)
-                logits = model(seq[..., 0], seq[..., 1], seq[..., 2])[:, -1]  # (g, A)
+                seq = torch.tensor(np.array([ctx[i] for i in group]), dtype=torch.long)  # (g, l, 4)
+                flag = (seq[..., 3] == 1,) if c.episode_marker else ()  # episode_start only with the marker
+                logits = model(seq[..., 0], seq[..., 1], seq[..., 2], *flag)[:, -1]  # (g, A)
                 if cfg.greedy:
                     act = logits.argmax(-1)
                 else:
@@ -78,8 +81,8 @@ def heldout_loss(model: ADTransformer, h, windows: int = 256, seed: int = 0) -> 
     c = model.cfg
     model.eval()
     sampler = WindowSampler(h, c.seq_len, c.num_actions, c.num_rewards, seed, c.episode_marker)
-    s, pa, pr, target = sampler.sample(windows)
-    return float(F.cross_entropy(model(s, pa, pr).flatten(0, 1), target.flatten()))
+    w = sampler.sample(windows)
+    return float(F.cross_entropy(model(*w.inputs()).flatten(0, 1), w.targets.flatten()))
 
 
 def score(returns: np.ndarray, optimal: np.ndarray, last_k: int) -> float:

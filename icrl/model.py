@@ -1,8 +1,10 @@
 """Algorithm Distillation transformer with optional n-gram layers (Zisman et al.) and a permuted-mask control.
 
 One token per transition: token t = Emb(a_{t-1}) + Emb(r_{t-1}) + Emb(s_t) + Emb(pos t) (a sum of embeddings
-is a concat followed by a Linear); at a history start (and at every episode start with ``episode_marker``)
-a_{t-1} and r_{t-1} are pad ids. Causal, pre-norm; the head predicts a_t at every position.
+is a concat followed by a Linear); at a history start a_{t-1} and r_{t-1} are pad ids. With ``episode_marker``
+the token also gets Emb_start(episode_start_t), a learned embedding of a per-token flag that is 1 on the first
+token of every episode; a_{t-1}, r_{t-1} there stay the previous episode's last action and reward (in
+Key-to-Door that is where the door reward lives). Causal, pre-norm; the head predicts a_t at every position.
 Dimensions: b batch, l sequence length (transitions in the window), d model width.
 """
 
@@ -40,8 +42,10 @@ class ADConfig:
     # "cell": one embedding per cell index; "rowcol": Emb(row) + Emb(col) of the square grid, so a goal cell
     # never seen as a goal in training still shares its row and column features with seen ones
     state_emb: str = "cell"
-    # True: the first token of every episode carries the pad action / reward, as a history's first token does,
-    # so the model sees where episodes begin (Key-to-Door episodes have random starts and lengths)
+    # True: forward() takes an ``episode_start`` flag per token (1 on the first token of every episode), added to
+    # the token through its own learned embedding, so the model sees where episodes begin (Key-to-Door episodes
+    # have random starts and lengths). It is an extra input: a_{t-1}, r_{t-1} of an episode's first token still
+    # carry the previous episode's last step (the door reward). False: no flag and no extra parameters.
     episode_marker: bool = False
 
     def __post_init__(self):
@@ -137,6 +141,8 @@ class ADTransformer(nn.Module):
             NGramBlock(cfg) if i in cfg.ngram_layers else AttentionBlock(cfg) for i in range(cfg.n_layers)
         )
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, cfg.num_actions)
+        if cfg.episode_marker:  # registered last: the other parameters draw the same init as without it
+            self.emb_start = nn.Embedding(2, d)  # 0: inside an episode, 1: first token of an episode
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if name.endswith(("out.weight", "proj.weight")):
@@ -163,11 +169,18 @@ class ADTransformer(nn.Module):
             mats = [permuted_attention(m) for m in mats]
         return torch.stack(mats)
 
-    def forward(self, states, prev_actions, prev_rewards):
-        """states, prev_actions, prev_rewards: (b, l) ints, l <= seq_len -> action logits (b, l, num_actions)."""
+    def forward(self, states, prev_actions, prev_rewards, episode_start=None):
+        """states, prev_actions, prev_rewards: (b, l) ints, l <= seq_len; episode_start: (b, l) bool, True on the
+        first token of every episode (required with ``episode_marker``, refused without it)
+        -> action logits (b, l, num_actions)."""
         l = states.shape[1]
         if l > self.cfg.seq_len:
             raise ValueError(f"sequence of {l} transitions is longer than seq_len={self.cfg.seq_len}")
+        if self.cfg.episode_marker != (episode_start is not None):
+            raise ValueError(
+                "pass episode_start exactly when the model has episode_marker=True "
+                f"(episode_marker={self.cfg.episode_marker}, episode_start given: {episode_start is not None})"
+            )
         pos = torch.arange(l, device=states.device)
         x = (
             self.embed_states(states)
@@ -175,6 +188,12 @@ class ADTransformer(nn.Module):
             + self.emb_r(prev_rewards)
             + self.emb_pos(pos)
         )
+        if episode_start is not None:
+            if episode_start.shape != states.shape:
+                raise ValueError(
+                    f"episode_start {tuple(episode_start.shape)} != states {tuple(states.shape)}"
+                )
+            x = x + self.emb_start(episode_start.long())
         x = self.emb_drop(x)
         a = self.ngram_matrices(states, prev_actions, prev_rewards) if self.cfg.ngram_layers else None
         for block in self.blocks:
@@ -189,6 +208,17 @@ class ADTransformer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> ADTransformer:
-        model = cls(ADConfig(**ckpt["config"]))
+        cfg = ADConfig(**ckpt["config"])
+        if cfg.episode_marker and "emb_start.weight" not in ckpt["state_dict"]:
+            raise OldMarkerCheckpoint(
+                "this checkpoint has episode_marker=True but no episode-start embedding: it was trained with the "
+                "former marker, which overwrote a_{t-1}, r_{t-1} of every episode's first token with pads (hiding "
+                "Key-to-Door door rewards); train it again"
+            )
+        model = cls(cfg)
         model.load_state_dict(ckpt["state_dict"])
         return model
+
+
+class OldMarkerCheckpoint(ValueError):
+    """A checkpoint from before the episode-start flag became its own input (see ``ADConfig.episode_marker``)."""

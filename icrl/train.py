@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,10 +36,27 @@ class TrainConfig:
             raise ValueError("train.lr must be > 0, train.warmup_frac and train.label_smoothing in [0, 1)")
 
 
+class Window(NamedTuple):
+    """A batch of training windows, each (batch, seq_len)."""
+
+    states: torch.Tensor  # s_t
+    prev_actions: torch.Tensor  # a_{t-1} (pad at a history start)
+    prev_rewards: torch.Tensor  # r_{t-1} (pad at a history start)
+    targets: torch.Tensor  # a_t
+    episode_start: torch.Tensor | None  # bool, True on each episode's first token; None without the marker
+
+    def inputs(self) -> tuple:
+        """The model's inputs: ``model(*window.inputs())``."""
+        if self.episode_start is None:
+            return self.states, self.prev_actions, self.prev_rewards
+        return self.states, self.prev_actions, self.prev_rewards, self.episode_start
+
+
 class WindowSampler:
     """Random windows of ``seq_len`` consecutive transitions inside one history.
-    Token t of a window carries s_t, a_{t-1}, r_{t-1} (pads at a history start, and at every episode start with
-    ``episode_marker``) and the target a_t."""
+    Token t of a window carries s_t, a_{t-1}, r_{t-1} (pads at a history start only: across an episode boundary
+    they are the previous episode's last action and reward), the target a_t, and with ``episode_marker`` a flag
+    that is True on the first token of every episode (an extra model input, not a change to a_{t-1}, r_{t-1})."""
 
     def __init__(
         self,
@@ -56,10 +74,13 @@ class WindowSampler:
         prev_r = np.concatenate([[num_rewards], h.rewards[:-1]]).astype(np.int64)
         starts = h.offsets[:-1]
         prev_a[starts], prev_r[starts] = num_actions, num_rewards
+        self.episode_start = None
         if episode_marker:
             if h.starts is None:
                 raise ValueError("these histories carry no episode starts (an old file); generate them again")
-            prev_a[h.starts], prev_r[h.starts] = num_actions, num_rewards
+            flag = np.asarray(h.starts, bool).copy()
+            flag[starts] = True  # a history begins with an episode
+            self.episode_start = torch.from_numpy(flag)
         self.prev_a, self.prev_r = torch.from_numpy(prev_a), torch.from_numpy(prev_r)
         lengths = np.diff(h.offsets)
         if lengths.min() < seq_len:
@@ -73,10 +94,12 @@ class WindowSampler:
         )
         self.seq_len, self.rng, self.n = seq_len, np.random.default_rng(seed), n
 
-    def sample(self, batch: int):
-        """-> states, prev_actions, prev_rewards, targets: each (batch, seq_len)."""
+    def sample(self, batch: int) -> Window:
+        """-> Window(states, prev_actions, prev_rewards, targets, episode_start): each (batch, seq_len);
+        episode_start is None without ``episode_marker``."""
         idx = torch.from_numpy(self.rng.choice(self.valid, size=batch)[:, None] + np.arange(self.seq_len))
-        return self.states[idx], self.prev_a[idx], self.prev_r[idx], self.actions[idx]
+        start = None if self.episode_start is None else self.episode_start[idx]
+        return Window(self.states[idx], self.prev_a[idx], self.prev_r[idx], self.actions[idx], start)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -111,9 +134,9 @@ def train(
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        s, pa, pr, target = sampler.sample(cfg.batch_size)
-        logits = model(s, pa, pr)  # (b, l, A)
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), label_smoothing=cfg.label_smoothing)
+        w = sampler.sample(cfg.batch_size)
+        logits = model(*w.inputs())  # (b, l, A)
+        loss = F.cross_entropy(logits.flatten(0, 1), w.targets.flatten(), label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -76,7 +76,8 @@ def test_window_sampler_tokens():
     h, _ = generate(spec, DataConfig(n_train_tasks=2, histories_per_task=1, episodes_per_history=3, seed=0))
     ws = WindowSampler(h, 20, num_actions=5, num_rewards=2, seed=0)
     for _ in range(20):
-        s, pa, pr, tgt = ws.sample(4)
+        s, pa, pr, tgt, flag = ws.sample(4)
+        assert flag is None  # no episode marker
         for i in range(4):  # locate the window in the flat arrays
             start = int(
                 ws.valid[

@@ -48,7 +48,7 @@ def test_training_reduces_loss_and_is_seeded():
 class Scripted(ADTransformer):
     """A fake policy that always walks right: returns are known in closed form."""
 
-    def forward(self, states, prev_actions, prev_rewards):
+    def forward(self, states, prev_actions, prev_rewards, episode_start=None):
         logits = torch.full((*states.shape, 5), -10.0)
         logits[..., 2] = 10.0
         return logits
@@ -71,7 +71,8 @@ def test_context_window_carries_across_episodes():
     seen = []
 
     class Recorder(Scripted):
-        def forward(self, states, prev_actions, prev_rewards):
+        def forward(self, states, prev_actions, prev_rewards, episode_start=None):
+            assert episode_start is None  # no marker: no flag
             seen.append((states.clone(), prev_actions.clone(), prev_rewards.clone()))
             return super().forward(states, prev_actions, prev_rewards)
 
@@ -108,7 +109,7 @@ def test_heldout_loss_matches_manual_cross_entropy():
     spec = EnvSpec("darkroom")
     h, _ = generate(spec, DataConfig(n_train_tasks=2, histories_per_task=2, episodes_per_history=4, seed=0))
     model = Scripted(ADConfig(seq_len=20))
-    _, _, _, target = WindowSampler(h, 20, 5, 2, seed=0).sample(16)
+    target = WindowSampler(h, 20, 5, 2, seed=0).sample(16).targets
     logp = torch.log_softmax(torch.tensor([-10.0, -10.0, 10.0, -10.0, -10.0]), -1)
     assert heldout_loss(model, h, windows=16) == pytest.approx(float(-logp[target].mean()), rel=1e-5)
 
@@ -117,22 +118,16 @@ def test_heldout_loss_matches_manual_cross_entropy():
 def test_eval_context_tokens_match_training_windows(marker):
     """Train/eval parity (checked while diagnosing the non-learning AD baseline): the context the evaluator
     feeds for a trajectory is token for token what WindowSampler builds from the same trajectory stored as a
-    history, across episode boundaries (s_t with a_{t-1}, r_{t-1}; pads at the history start, and at every
-    episode start with the episode marker)."""
+    history, across episode boundaries (s_t with a_{t-1}, r_{t-1}; pads at the history start only; with the
+    episode marker also the episode-start flag, which leaves a_{t-1}, r_{t-1} alone)."""
     from llamba.icrl.histories import Histories
     from llamba.icrl.train import WindowSampler
 
     seen = []
-
-    class Recorder(Scripted):
-        def forward(self, states, prev_actions, prev_rewards):
-            seen.append((states.clone(), prev_actions.clone(), prev_rewards.clone()))
-            return super().forward(states, prev_actions, prev_rewards)
-
     spec = EnvSpec("darkroom")
-    model = Recorder(ADConfig(seq_len=60, episode_marker=marker))
+    model = Recorder(ADConfig(seq_len=60, episode_marker=marker), seen)
     in_context_returns(model, spec, np.array([44]), EvalConfig(episodes=3, last_k=1))  # goal: right wall
-    s_eval, pa_eval, pr_eval = seen[-1]  # last step: the whole 3-episode trajectory, 60 tokens
+    s_eval, pa_eval, pr_eval, start_eval = seen[-1]  # last step: the whole 3-episode trajectory, 60 tokens
     env, states, rewards = spec.batched(np.array([44])), [], []
     for _ in range(3):  # replay: always "right"
         obs = env.reset()
@@ -151,14 +146,227 @@ def test_eval_context_tokens_match_training_windows(marker):
         dict(spec.kwargs),
         np.arange(60) % 20 == 0,
     )
-    s, pa, pr, target = WindowSampler(h, 60, 5, 2, episode_marker=marker).sample(1)
+    s, pa, pr, target, start = WindowSampler(h, 60, 5, 2, episode_marker=marker).sample(1)
     assert torch.equal(s, s_eval) and torch.equal(pa, pa_eval) and torch.equal(pr, pr_eval)
     assert (target == 2).all()
-    if marker:  # episode starts carry the pads (action 5, reward 2)
-        assert pa[0, [0, 20, 40]].tolist() == [5, 5, 5] and pr[0, [0, 20, 40]].tolist() == [2, 2, 2]
-        assert (pa[0, 1:20] == 2).all()
-    else:  # the first token of episode 2 carries the last step of episode 1
-        assert pr[0, 20] == 1 and pa[0, 20] == 2
+    # pads only at the history start; the first token of episodes 2 and 3 carries the last step before it
+    assert (pa[0, 0], pr[0, 0]) == (5, 2)
+    assert pa[0, [20, 40]].tolist() == [2, 2] and pr[0, [20, 40]].tolist() == [1, 1]
+    assert (pa[0, 1:] == 2).all()
+    if marker:  # the flag marks every episode start, the history start included
+        assert torch.equal(start, start_eval)
+        assert start[0].nonzero().flatten().tolist() == [0, 20, 40]
+    else:
+        assert start is None and start_eval is None
+
+
+class Recorder(Scripted):
+    """Scripted "right" policy (or ``policy(states) -> (b,) actions`` of the last token) that records every
+    input it is fed: (states, prev_actions, prev_rewards, episode_start)."""
+
+    def __init__(self, cfg, seen, policy=None):
+        super().__init__(cfg)
+        self.seen, self.policy = seen, policy
+
+    def forward(self, states, prev_actions, prev_rewards, episode_start=None):
+        assert (episode_start is not None) == self.cfg.episode_marker
+        start = None if episode_start is None else episode_start.clone()
+        self.seen.append((states.clone(), prev_actions.clone(), prev_rewards.clone(), start))
+        logits = super().forward(states, prev_actions, prev_rewards)
+        if self.policy is not None:
+            logits = torch.full_like(logits, -10.0)
+            logits[torch.arange(len(states)), -1, self.policy(states[:, -1])] = 10.0
+        return logits
+
+
+def _door_history():
+    """Hand-made Key-to-Door-like histories; state t = flat index t, so a window locates itself. History 0:
+    episode A ends at the door (reward 1 on its last step), B is truncated, C ends at the door; history 1:
+    one episode ending at the door, then another."""
+    from llamba.icrl.histories import Histories
+
+    episodes = [[0, 1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 1], [0, 0, 1, 0, 0, 1], [0, 1, 0, 1]]
+    rewards = np.concatenate(episodes).astype(np.int8)
+    starts = np.concatenate([np.arange(len(e)) == 0 for e in episodes])
+    n = len(rewards)
+    h = Histories(
+        np.arange(n, dtype=np.int16),
+        (np.arange(n) % 4 + 1).astype(np.int8),
+        rewards,
+        np.array([0, 12, n]),
+        np.zeros((2, 3)),
+        np.array([[0, 1], [2, 3]]),
+        "keytodoor",
+        {},
+        starts,
+    )
+    return h, [12 + 6]  # ...and the flat index of the first token after a door inside a history
+
+
+@pytest.mark.parametrize("marker", [False, True])
+def test_door_reward_reaches_training_windows(marker):
+    """Key-to-Door episodes end at the door, so the door reward is the input r_{t-1} of the next episode's first
+    token: the episode marker must not overwrite it (it is its own flag), and with the marker off the inputs
+    are as before (pads at a history start only, no flag)."""
+    from llamba.icrl.train import WindowSampler
+
+    h, after_door = _door_history()
+    ws = WindowSampler(h, 6, 5, 2, seed=0, episode_marker=marker)
+    s, pa, pr, target, start = ws.sample(256)
+    assert (start is not None) == marker
+    hist_start = set(h.offsets[:-1].tolist())
+    covered = set()
+    for i in range(len(s)):
+        for t, g in enumerate(s[i].tolist()):  # g: flat index of the token
+            covered.add(g)
+            assert target[i, t] == h.actions[g]
+            if g in hist_start:
+                assert (pa[i, t], pr[i, t]) == (5, 2)
+            else:
+                assert (pa[i, t], pr[i, t]) == (h.actions[g - 1], h.rewards[g - 1])
+            if marker:
+                assert start[i, t] == (h.starts[g] or g in hist_start)
+    for g in [5, 9, *after_door]:  # episode starts after a door (5, 18) and after a truncation (9)
+        assert g in covered
+    for i, t in zip(*np.nonzero(np.isin(s.numpy(), after_door)), strict=True):
+        assert pr[i, t] == 1  # the door reward reaches the model
+        if marker:
+            assert start[i, t]
+
+
+def test_door_rewards_reach_training_windows_of_generated_keytodoor_histories():
+    """On generated Key-to-Door histories (explorer source, terminating at the door): every token that starts an
+    episode right after a door carries r_{t-1} = 1 and the flag, and sampled windows contain such tokens (the
+    former marker fed none)."""
+    from llamba.icrl.train import WindowSampler
+
+    spec = EnvSpec("keytodoor")
+    h, _ = generate(
+        spec,
+        DataConfig(n_train_tasks=2, histories_per_task=1, episodes_per_history=8, source="explorer", noise=0),
+    )
+    g = np.arange(h.total_transitions)
+    after_door = g[h.starts & (np.roll(h.rewards, 1) == 1) & ~np.isin(g, h.offsets[:-1])]
+    assert len(after_door) >= 4  # the explorer opens the door in most episodes
+    ws = WindowSampler(h, 40, 5, 2, seed=0, episode_marker=True)
+    assert (ws.prev_r[after_door] == 1).all() and ws.episode_start[after_door].all()
+    assert torch.equal(ws.episode_start, torch.from_numpy(h.starts)) and h.starts[h.offsets[:-1]].all()
+    w = ws.sample(64)
+    door_then_start = w.episode_start & (w.prev_rewards == 1)
+    assert door_then_start.sum() >= 10
+
+
+def test_door_reward_reaches_the_model_in_evaluation():
+    """In-context evaluation on Key-to-Door (2 x 2 grid, a clockwise policy that reaches key then door in every
+    episode): the first token of every episode after the first carries r_{t-1} = 1 (the door) and the
+    episode-start flag; the fed context equals WindowSampler's window of the same trajectory."""
+    from llamba.envs.grid import move
+    from llamba.icrl.histories import Histories
+    from llamba.icrl.train import WindowSampler
+
+    clockwise = np.array([2, 3, 1, 4])  # cell 0 right, 1 down, 2 up, 3 left: visits all 4 cells from anywhere
+    seen = []
+    spec = EnvSpec("keytodoor", {"size": 2})
+    model = Recorder(
+        ADConfig(num_states=4, seq_len=100, episode_marker=True),
+        seen,
+        lambda s: torch.from_numpy(clockwise)[s],
+    )
+    tasks = np.array([[0, 3]])
+    r = in_context_returns(model, spec, tasks, EvalConfig(episodes=4, last_k=1, seed=0))
+    assert (r == 2).all()  # key and door in every episode: each ends at the door
+    s, pa, pr, start = seen[-1]
+    # replay the evaluation's seeded starts with the same policy
+    rng, env = np.random.default_rng(0), spec.batched(tasks)
+    states, actions, rewards, starts = [], [], [], []
+    for _ in range(4):
+        obs = env.reset(rng)
+        while not env.done.all():
+            a = clockwise[obs]
+            starts.append(bool(env.t[0] == 0))
+            states.append(int(obs[0]))
+            actions.append(int(a[0]))
+            obs, rew, _, _ = env.step(a)
+            rewards.append(int(rew[0]))
+            assert (obs == move(np.array([states[-1]]), a, 2)).all()
+    n = len(states)
+    assert s.shape == (1, n)
+    first = np.flatnonzero(starts)
+    assert len(first) == 4 and first[0] == 0
+    assert start[0].nonzero().flatten().tolist() == first.tolist()
+    # the door reward and a real action, not pads
+    assert pr[0, first[1:]].tolist() == [1, 1, 1] and (pa[0, first[1:]] < 5).all()
+    assert (pa[0, 0], pr[0, 0]) == (5, 2)  # pads only at the history start
+    h = Histories(
+        np.array(states, np.int16),
+        np.array(actions, np.int8),
+        np.array(rewards, np.int8),
+        np.array([0, n]),
+        np.zeros((1, 4)),
+        tasks,
+        "keytodoor",
+        dict(spec.kwargs),
+        np.array(starts),
+    )
+    w = WindowSampler(h, n, 5, 2, episode_marker=True).sample(1)
+    assert torch.equal(w.states, s) and torch.equal(w.prev_actions, pa) and torch.equal(w.prev_rewards, pr)
+    assert torch.equal(w.episode_start, start) and torch.equal(w.targets[0], torch.tensor(actions))
+
+
+def test_episode_marker_off_keeps_inputs_and_parameters():
+    """Marker off: evaluation feeds no flag and carries a_{t-1}, r_{t-1} across episodes, as before; the model
+    has exactly the parameters it had before; a flag is refused. Marker on: one extra 2 x d embedding, the flag
+    is required, and checkpoints round-trip."""
+    seen = []
+    spec = EnvSpec("keytodoor", {"size": 2})
+    model = Recorder(ADConfig(num_states=4, seq_len=100), seen, lambda s: torch.tensor([2, 3, 1, 4])[s])
+    in_context_returns(model, spec, np.array([[0, 3]]), EvalConfig(episodes=3, last_k=1, seed=0))
+    s, pa, pr, start = seen[-1]
+    assert start is None
+    assert (pa[0, 0], pr[0, 0]) == (5, 2) and (pa[0, 1:] < 5).all() and (pr[0, 1:] < 2).all()  # no pads later
+    assert pr[0, 1:].sum() == 5  # key + door + key + door + key: the 3rd episode's door is not yet an input
+
+    cfg = ADConfig(seq_len=8, d_model=16, n_heads=2)
+    off, on = ADTransformer(cfg), ADTransformer(ADConfig(**{**cfg.__dict__, "episode_marker": True}))
+    names = [n for n, _ in off.named_parameters()]
+    assert "emb_start.weight" not in names and not any("start" in n for n in names)
+    d = cfg.d_model
+    block = (
+        4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    )  # norms, qkv, out, mlp
+    embeddings = (81 + 6 + 3 + 8) * d  # states, actions + pad, rewards + pad, positions
+    assert off.num_params() == embeddings + cfg.n_layers * block + 2 * d + (d * 5 + 5)  # the pre-flag model
+    assert on.num_params() == off.num_params() + 2 * d
+    x = torch.randint(0, 5, (2, 8))
+    flag = torch.zeros(2, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="episode_start"):
+        off(x, x, x % 2, flag)
+    with pytest.raises(ValueError, match="episode_start"):
+        on(x, x, x % 2)
+    on.eval()
+    flag[:, [0, 5]] = True
+    out = on(x, x, x % 2, flag)
+    assert not torch.allclose(out, on(x, x, x % 2, torch.zeros_like(flag)))  # the flag reaches the logits
+    back = ADTransformer.from_checkpoint(on.checkpoint())
+    back.eval()
+    torch.testing.assert_close(back(x, x, x % 2, flag), out)
+
+
+def test_marker_configs_still_load_and_old_marker_checkpoints_are_refused():
+    from pathlib import Path
+
+    from llamba.icrl.config import load_config
+    from llamba.icrl.model import OldMarkerCheckpoint
+
+    root = Path(__file__).resolve().parents[1] / "icrl" / "configs"
+    for name in ("paper_keytodoor.json", "keytodoor.json"):
+        cfg = load_config("keytodoor", str(root / name))
+        assert cfg.model.episode_marker
+        assert hasattr(ADTransformer(cfg.model), "emb_start")
+    ckpt = ADTransformer(ADConfig(seq_len=8, d_model=16, n_heads=2, episode_marker=True)).checkpoint()
+    del ckpt["state_dict"]["emb_start.weight"]  # what a checkpoint of the former marker holds
+    with pytest.raises(OldMarkerCheckpoint, match="train it again"):
+        ADTransformer.from_checkpoint(ckpt)
 
 
 def test_rowcol_state_embedding_shares_row_and_column_features():
