@@ -318,7 +318,7 @@ def main() -> None:
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile lever (~1 min to compile)")
     ap.add_argument("--quick", action="store_true", help="small sizes: checks the script, numbers mean little")
-    ap.add_argument("--no-append", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not append to bench/results/HISTORY.md")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.contexts, args.decode, args.seqs, args.train_seq = 1, [64, 512], 2, [64, 2048], 64

@@ -4,6 +4,7 @@
     python bench/bench_distill.py throughput  # stage-3 training tok/s vs the teacher's own forward+backward
     python bench/bench_distill.py report RUN_DIR [RUN_DIR ...]   # per-stage errors / ppl of finished runs
     python bench/bench_distill.py stream      # --stream on a large JSONL: tok/s, resume latency, peak memory
+    python bench/bench_distill.py busy        # a stage idle, then beside one busy process (auto vs fixed threads)
 
 Each prints one JSON line per measurement.
 """
@@ -30,7 +31,7 @@ def bench_init(eval_tokens: int = 512) -> None:
     from llamba.distill.init import build_student
 
     t = _teacher()
-    held = build_token_data(load_documents(None), t.tokenizer, 256).heldout[: eval_tokens // 256]
+    held = build_token_data(load_documents(None, teacher=t.model, tokenizer=t.tokenizer), t.tokenizer, 256).heldout[: eval_tokens // 256]
     for init in ("llamba", "attention"):
         student = build_student(t.model, init=init, seed=0)
         ev = evaluate_tokens(student, t.model, held)
@@ -147,6 +148,47 @@ def bench_stream(copies: int = 120, seq_len: int = 256, batches: int = 1000, bat
         }), flush=True)
 
 
+def bench_busy(stage: int = 3, tokens: int = 6144) -> None:
+    """`llamba distill stageK` (a fresh student, the default chat data, 2 cores) run three ways: on an idle
+    machine, beside one busy process (a one-core Python spin loop started just before it) with the automatic
+    thread count, and beside it with `--threads` fixed at the core count. Prints the stage's tok/s (DONE.json) and
+    each slowdown against idle. A fixed count that outnumbers the free cores stalls at OpenMP barriers."""
+    import os
+    import subprocess
+    import tempfile
+
+    from llamba.distill.init import build_student
+    from llamba.distill.run import StageDir
+    from llamba.threads import usable_cores
+
+    t = _teacher()
+    root = Path(tempfile.mkdtemp(prefix="bench_busy_"))
+    init = root / "init"
+    StageDir(init).save_weights(build_student(t.model, seed=0), t.tokenizer)
+    cores = usable_cores()
+    rows = {}
+    for name, busy, threads in (("idle", False, None), ("busy, auto threads", True, None),
+                                (f"busy, --threads {cores}", True, cores)):
+        out = root / name.replace(" ", "_").replace(",", "")
+        cmd = [sys.executable, "-m", "llamba", "distill", f"stage{stage}", "--init-from", str(init), "--out",
+               str(out), "--tokens", str(tokens), "--no-progress"] + (["--threads", str(threads)] if threads else [])
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            wall = time.perf_counter() - t0
+        finally:
+            if spin is not None:
+                spin.kill()
+        done = json.loads((out / f"stage{stage}" / "DONE.json").read_text())
+        metrics = [json.loads(x) for x in (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = done["tok_s"]
+        print(json.dumps({"bench": "busy", "stage": stage, "case": name, "tok_s": done["tok_s"],
+                          "slowdown_vs_idle": round(rows["idle"] / done["tok_s"], 2), "wall_s": round(wall, 1),
+                          "threads_used": sorted({m.get("threads") for m in metrics} - {None}),
+                          "cores": cores}), flush=True)
+
+
 def report(run_dirs: list[str]) -> None:
     for run in map(Path, run_dirs):
         row = {"bench": "run", "run": str(run)}
@@ -168,6 +210,8 @@ if __name__ == "__main__":
         bench_throughput()
     elif cmd == "stream":
         bench_stream()
+    elif cmd == "busy":
+        bench_busy()
     elif cmd == "report":
         report(sys.argv[2:])
     else:

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096], help="prompt lengths")
     ap.add_argument("--new", type=int, default=32, help="decoded tokens per measurement")
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell (median)")
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    ap.add_argument("--no-append", action="store_true", help="print only, do not append to bench/results/HISTORY.md")
     args = ap.parse_args()
     load = Path("/proc/loadavg").read_text().split()[:3]
 

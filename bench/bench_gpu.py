@@ -144,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 iteration (checks the script)")
     ap.add_argument("--distill-tokens", type=int, default=131072, help="stage-3 token budget (0 skips it)")
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    ap.add_argument("--no-append", action="store_true", help="print only, do not append to bench/results/HISTORY.md")
     args = ap.parse_args()
     if torch.cuda.is_available():
         dev = torch.device("cuda")

@@ -1,6 +1,6 @@
 """In-context RL benchmark: batched-env throughput, then the Dark Room and Key-to-Door grids (AD vs n-gram AD).
 
-Prints a table and appends an `## In-context RL` section to BENCHMARKS.md (repo root).
+Prints a table and appends an `## In-context RL` section to bench/results/HISTORY.md (current figures: BENCHMARKS.md).
     .venv/bin/python bench/bench_icrl.py                      # both envs, shipped configs, one after the other
     .venv/bin/python bench/bench_icrl.py --envs darkroom --no-append --workers 2
     .venv/bin/python bench/bench_icrl.py --from-run RUN_DIR --env darkroom --config paper_darkroom
@@ -22,6 +22,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import append_history  # noqa: E402
 
 from llamba.envs import EnvSpec  # noqa: E402
 from llamba.icrl.histories import DataConfig, generate  # noqa: E402
@@ -190,8 +193,7 @@ def main() -> None:
         text = from_run(args.from_run, args.env, args.config, args.title, args.note)
         print(text)
         if not args.no_append:
-            with open(ROOT / "BENCHMARKS.md", "a") as f:
-                f.write(text)
+            append_history(text)
         return
     envs = [e for e in args.envs.split(",") if e]
     throughput = {}
@@ -211,12 +213,7 @@ def main() -> None:
         json.dumps({"throughput": throughput, "results": results}, indent=1)
     )
     if not args.no_append:
-        path = ROOT / "BENCHMARKS.md"
-        with open(path, "a") as f:
-            if path.stat().st_size == 0:
-                f.write("# Benchmarks\n")
-            f.write(text)
-        print(f"appended to {path}")
+        append_history(text)
 
 
 if __name__ == "__main__":

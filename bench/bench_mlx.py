@@ -9,7 +9,7 @@
 - Decode at context L: the cache is brought to the size an L-token prefill leaves (our SSM state and conv
   window: constant size; the teacher's KV cache: L keys and values per layer, random values), then the same
   N tokens are decoded greedily and timed. Prefill tok/s is measured for real on a shorter prompt.
-- Appends a `## MLX on-device` section to BENCHMARKS.md (never rewrites it).
+- Appends a `## MLX on-device` section to bench/results/HISTORY.md (never rewrites it; current figures: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--prefill-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--report", type=Path, default=Path("BENCHMARKS.md"))
+    ap.add_argument("--report", type=Path, default=Path("bench/results/HISTORY.md"))
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)

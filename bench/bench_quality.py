@@ -33,7 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_section, markdown_table  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "quality.jsonl"  # committed: the tables of BENCHMARKS.md come from it
+# committed: the tables of BENCHMARKS.md come from them. quality.jsonl: rungs on the CPython reference (the default
+# data before chat data); quality_chat.jsonl: on the teacher's chat data, with the chat report's columns.
+RESULTS = ROOT / "bench" / "results" / "quality_chat.jsonl"
 
 # name -> (lever, what it changes, distill_all keyword arguments). "default" is whatever the code defaults are.
 # Variants compose: `--variant demo-lr+split-s2` merges both (later ones win, stage by stage).
@@ -74,6 +76,10 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
                      {"stage_overrides": {3: {"teacher_bf16": True}}}),
     "grouped-bc": ("arch", "B/C heads grouped to the teacher's 3 KV heads (--qk-heads 3; issue 15's speed lever)",
                    {"qk_heads": 3}),
+    "kd-all": ("kd", "stage 3 KD on every token (the default before assistant-token KD)",
+               {"stage_overrides": {3: {"kd_tokens": "all"}}}),
+    "python-docs": ("data", "the CPython language reference as data (the default before chat data)",
+                    {"data": "python-docs"}),
     "teacher-fp32": ("precision", "stage 3: the teacher's forward in fp32 (the default before teacher-bf16)",
                      {"stage_overrides": {3: {"teacher_bf16": False}}}),
 }
@@ -140,6 +146,10 @@ def clean_heldout(train: torch.Tensor, held: torch.Tensor, window: int = 32) -> 
     return held[keep]
 
 
+CHAT_KEYS = ("fact_retained", "teacher_facts_right", "student_facts_right", "chat_ppl_ratio", "prose_ppl_ratio",
+             "eos_rate", "empty_answers")
+
+
 def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads: int, eval_tokens: int,
               results: Path, keep: bool) -> None:
     from llamba.checkpoints import load_model
@@ -151,7 +161,7 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
     lever, what, kwargs = variant_kwargs(variant)
     dev = resolve_device(device)
     teacher = get_teacher("default", dev)
-    docs = load_documents(None, "text", teacher.model, teacher.tokenizer)
+    docs = load_documents(kwargs.get("data"), "text", teacher.model, teacher.tokenizer)
     td = build_token_data(docs, teacher.tokenizer, 256)
     overlap = overlap_fraction(td.train, td.heldout[: max(1, eval_tokens // 256)])
     clean = clean_heldout(td.train, td.heldout)[: max(1, eval_tokens // 256)]
@@ -185,6 +195,8 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
             "clean_top1": ev_clean["top1_agreement"], "clean_tokens": ev_clean["tokens"], "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "load_start": load0, "load_end": os.getloadavg()[0], **cpu_description(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "data": kwargs.get("data") or "chat",
+            **{k: ev["chat"][k] for k in CHAT_KEYS if k in ev.get("chat", {})},
         }
         print(json.dumps(row), flush=True)
         with results.open("a") as f:
@@ -195,12 +207,19 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
 
 def report(results: Path, append: bool, plot: Path | None, notes: Path | None = None) -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    header = ["variant", "what", "tokens (s1/s2/s3)", "seed", "ppl ratio", "clean ratio", "KL", "top-1",
-              "layer err", "CPU min", "wall min", "load"]
+    header = ["variant", "what", "tokens (s1/s2/s3)", "seed", "facts kept", "chat ratio", "prose ratio", "ends",
+              "ppl ratio", "clean ratio", "KL", "top-1", "layer err", "CPU min", "wall min", "load"]
+
+    def chat_cells(r: dict) -> list[str]:
+        if "fact_retained" not in r:
+            return ["-"] * 4
+        return [f"{r['fact_retained']:.0%}", f"{r['chat_ppl_ratio']:.2f}", f"{r['prose_ppl_ratio']:.2f}",
+                f"{r['eos_rate']:.0%}"]
+
     def fmt(group: list[dict]) -> list[list]:
         return [[r["variant"], r["what"],
                   f"{r['tokens']:,} ({'/'.join(str(r['stage_tokens'][k]) for k in ('1', '2', '3'))})",
-                  r["seed"], f"{r['ppl_ratio']:.2f}",
+                  r["seed"], *chat_cells(r), f"{r['ppl_ratio']:.2f}",
                   f"{r['clean_ppl_ratio']:.2f}" if "clean_ppl_ratio" in r else "-", f"{r['kl']:.3f}", f"{r['top1']:.1%}", f"{r['layer_err']:.3f}",
                   f"{r['cpu_s'] / 60:.1f}", f"{r['wall_s'] / 60:.1f}", f"{r['load_start']:.1f}-{r['load_end']:.1f}"]
                 for r in group]
@@ -237,8 +256,11 @@ def report(results: Path, append: bool, plot: Path | None, notes: Path | None = 
             f"no other job beside the runs (peak load {peak:.1f} on {r0['cores']} cores, one rung at a time)")
     intro = (f"CPU {r0['cpu']} ({r0['cores']} cores, bf16 flags: {', '.join(r0['bf16_flags']) or 'none'}), {busy} "
              f"(load = 1-min load average at start-end of each rung). Teacher: embedded "
-             f"SmolLM2-135M-Instruct (held-out ppl {r0['teacher_ppl']:.2f}); data: default corpus; evaluation on "
-             f"{r0['eval_tokens']:,} held-out tokens (fixed 10% document split; {r0['heldout_overlap']:.1%} of their "
+             f"SmolLM2-135M-Instruct (held-out ppl {r0['teacher_ppl']:.2f}); data: {r0.get('data', 'python-docs')}; chat "
+             f"columns from the chat report (distill/chat_eval.py: prompts never trained on; facts kept = share of "
+             f"the teacher's right factual answers the student also gives; ends = answers that end within 256 "
+             f"tokens); the perplexity ratio on "
+             f"{r0['eval_tokens']:,} held-out tokens of the training data (fixed 10% document split; {r0['heldout_overlap']:.1%} of their "
              f"32-token windows occur in the training rows: the corpus repeats passages across topics), and "
              f"(`clean ratio`, KL and top-1 then also on these rows) on {r0.get('clean_tokens', 2048):,} held-out "
              f"tokens of rows that share no 32-token window with the training rows. CPU = user+system seconds of the process (all threads, "

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: machine description and appending a section to BENCHMARKS.md."""
+"""Shared by the benchmark scripts: machine description and appending a section to the history log (bench/results/HISTORY.md)."""
 
 from __future__ import annotations
 
@@ -39,12 +39,23 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+HISTORY = ROOT / "bench" / "results" / "HISTORY.md"  # the dated log; BENCHMARKS.md holds the current figure per area
+
+
+def append_history(text: str) -> Path:
+    """Append a dated section to the history log (never rewrites old entries); the current figure of its area is
+    then folded into BENCHMARKS.md's table by hand."""
+    HISTORY.parent.mkdir(parents=True, exist_ok=True)
+    if not HISTORY.exists():
+        HISTORY.write_text("# Benchmark history\n\nAppended by the scripts under `bench/`; each entry names its machine "
+                           "and date. Current figures: BENCHMARKS.md.\n")
+    with HISTORY.open("a") as f:
+        f.write(text)
+    print(f"appended to {HISTORY}; fold its figures into BENCHMARKS.md")
+    return HISTORY
+
+
 def append_section(title: str, body: str) -> None:
-    """Append `## title` with the date, machine and commit to BENCHMARKS.md (never rewrites old entries)."""
+    """Append `## title` with the date, machine and commit to the history log (bench/results/HISTORY.md)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    path = ROOT / "BENCHMARKS.md"
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nAppended by the scripts under `bench/`; each entry names its machine and date.\n")
-    with path.open("a") as f:
-        f.write(f"\n## {title}\n\n_{stamp} · {machine()} · commit {commit()}_\n\n{body.strip()}\n")
-    print(f"appended to {path}")
+    append_history(f"\n## {title}\n\n_{stamp} · {machine()} · commit {commit()}_\n\n{body.strip()}\n")

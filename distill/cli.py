@@ -20,6 +20,7 @@ from llamba.distill.stages import (
     StageSpec,
 )
 from llamba.errors import guarded
+from llamba.threads import configure as configure_threads
 
 
 def quiet_hf() -> None:
@@ -35,8 +36,10 @@ class RunOptions:
 
     teacher: str = option("default", "'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF directory "
                                      "or hub name.")
-    data: str | None = option(None, "default: CPython's language reference (offline); 'teacher[:N]' for teacher "
-                                    "samples; a .txt/.jsonl/.parquet file or directory; or a HF dataset name.")
+    data: str | None = option(None, "default: 'chat', conversations sampled from the teacher with its chat "
+                                    "template (shipped for the embedded teacher, else sampled once and cached; "
+                                    "'chat:N' for N of them); 'python-docs' for CPython's language reference; a "
+                                    ".txt/.jsonl/.parquet file or directory; or a HF dataset name.")
     text_field: str = option("text", "Field holding the text in JSONL/Parquet.")
     out: str = option("runs/distill", "Run directory (re-run the same command to resume; another teacher, data or "
                                       "setting is refused).")
@@ -67,6 +70,9 @@ class RunOptions:
                                            "auto = fsdp only when the memory plan does not fit with a replicated "
                                            "teacher.", choices=TEACHER_STRATEGIES)
     activation_checkpointing: bool = option(False, "Recompute each block's activations in backward.")
+    threads: int | None = option(None, "Torch threads per process (default: auto = the cores other processes leave "
+                                       "free, re-checked every 5 s while training, so a busy machine slows a stage "
+                                       "down instead of stalling it at OpenMP barriers).", low=1)
     stream: bool = option(False, "Read --data lazily (JSONL/Parquet files, a directory of them, or a HF dataset in "
                                  "streaming mode), tokenize and pack on the fly; the data position is checkpointed "
                                  "and resumes exactly.")
@@ -109,12 +115,47 @@ def _print_eval(ev: dict, title: str = "held-out evaluation") -> None:
         f"{ev['top1_agreement']:.3f}",
     )
     console = Console()
+    chat = ev.get("chat")
+    if chat and "skipped" not in chat:
+        print_chat_report(chat, console)
     console.print(table)
     if "layer_rel_err" in ev:
         errs = " ".join(f"{e:.3f}" for e in ev["layer_rel_err"])
         console.print(f"per-layer relative hidden-state error (teacher-forced): {errs}")
     errs = " ".join(f"{e:.3f}" for e in ev["stream_rel_err"])
     console.print(f"per-layer relative hidden-state error (free-running):   {errs}")
+
+
+def print_chat_report(chat: dict, console=None, examples: bool = True, tables: bool = True) -> None:
+    """The chat report (distill/chat_eval.py) as a table, then a few answers side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="chat report (prompts never seen in training; greedy)")
+    for col in ("check", "teacher", "student", "student / teacher"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{chat['fact_questions']} factual questions right", str(chat["teacher_facts_right"]),
+                  f"{chat['student_facts_right']} ({chat['student_right_of_teacher_right']} of the teacher's)",
+                  f"{chat['fact_retained']:.0%} kept")
+    table.add_row(f"perplexity, teacher's answers ({chat['chat_tokens']} tokens)", f"{chat['chat_teacher_ppl']:.2f}",
+                  f"{chat['chat_student_ppl']:.2f}", f"{chat['chat_ppl_ratio']:.2f}")
+    table.add_row(f"perplexity, general prose ({chat['prose_tokens']} tokens)", f"{chat['prose_teacher_ppl']:.2f}",
+                  f"{chat['prose_student_ppl']:.2f}", f"{chat['prose_ppl_ratio']:.2f}")
+    table.add_row(f"answers ending within {chat['open_max_new_tokens']} tokens", "",
+                  f"{chat['eos_rate']:.0%} of {chat['open_prompts']}", f"{chat['empty_answers']} empty")
+    if tables:
+        console.print(table)
+    if examples:
+        for ex in chat.get("show", []):
+            console.print(f"[bold]> {ex['prompt']}[/bold]", highlight=False)
+            console.print(f"  teacher: {_clip(ex['teacher'])}", highlight=False, markup=False)
+            console.print(f"  student: {_clip(ex['student'])}", highlight=False, markup=False)
+
+
+def _clip(text: str, n: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,6 +186,7 @@ def _make_stage_command(stage: int):
         from llamba.distill.run import distill_stage
 
         run = pick(RunOptions, o)
+        configure_threads(run.threads)
         summary = distill_stage(stage, tokens=run.tokens, init_from=init_from,
                                 **run.run_kwargs(pick(record.options, o)))
         if not _is_main_process() or summary.get("already_done"):  # distill_stage said so in one line
@@ -178,6 +220,7 @@ def all_cmd(eval_tokens, **o):
     from llamba.distill.run import DEFAULT_TOTAL_TOKENS, distill_all
 
     run = pick(RunOptions, o)
+    configure_threads(run.threads)
     result = distill_all(tokens=run.tokens or DEFAULT_TOTAL_TOKENS, eval_tokens=eval_tokens,
                          **run.run_kwargs(*(pick(s.options, o) for s in STAGES.values())))
     if not _is_main_process():
@@ -194,6 +237,54 @@ def all_cmd(eval_tokens, **o):
     _print_eval(result["eval"])
 
 
+@distill.command(name="chat-data")
+@click.option("--teacher", default="default", show_default=True, help="As in `llamba distill`.")
+@click.option("--n", "n", type=click.IntRange(min=2), default=None,
+              help="Conversations to sample (default: what `--data chat` uses).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Conversations sampled together (one KV cache).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--ship", is_flag=True, help="Also copy the files into the package's distill/chat/ (how the shipped "
+                                           "files for the embedded teacher are made).")
+@guarded
+def chat_data_cmd(teacher, n, batch_size, device, ship):
+    """Sample the chat corpus and the chat report's teacher answers now (else the first `distill` or `eval`
+    does it): the teacher answers the prompt set through its chat template, one generator per conversation.
+    Resumable; files land in the cache (LLAMBA_CACHE, default ~/.cache/llamba/data) keyed by the teacher's weights
+    and the settings, so a file sampled on a GPU box is found on a CPU one."""
+    quiet_hf()
+    from dataclasses import replace
+
+    import torch
+
+    from llamba.distill import chat_prompts
+    from llamba.distill.chat_data import (
+        SHIPPED_DIR,
+        ChatSettings,
+        corpus_path,
+        teacher_chat,
+        teacher_fingerprint,
+    )
+    from llamba.distill.chat_eval import FACT_SETTINGS, OPEN_SETTINGS
+    from llamba.distill.teacher import get_teacher, resolve_device
+
+    dev = resolve_device(device)
+    t = get_teacher(teacher, dev, torch.float32)
+    fp = teacher_fingerprint(t.model)
+    for settings in (ChatSettings(n=n or ChatSettings().n), replace(FACT_SETTINGS, n=len(chat_prompts.FACT_EVAL)),
+                     replace(OPEN_SETTINGS, n=len(chat_prompts.OPEN_EVAL))):
+        records = teacher_chat(t.model, t.tokenizer, settings, batch_size=batch_size, log=click.echo)
+        ended = sum(r["ended"] for r in records)
+        path = corpus_path(fp, settings)
+        click.echo(f"{settings.prompt_set}: {len(records)} conversations ({ended} ended with EOS) in {path}")
+        if ship and path.is_file():
+            SHIPPED_DIR.mkdir(exist_ok=True)
+            dest = SHIPPED_DIR / path.name
+            with open(dest, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            click.echo(f"  shipped as {dest}")
+
+
 @click.command(name="eval")
 @click.option(
     "--model", required=True, type=click.Path(), help="Llamba checkpoint directory (e.g. RUN/stage3)."
@@ -206,10 +297,14 @@ def all_cmd(eval_tokens, **o):
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--stream", is_flag=True, help="Evaluate on the held-out documents of a `distill --stream` run.")
+@click.option("--chat/--no-chat", default=True, show_default=True,
+              help="Also the generation-based chat report on prompts that never enter training: factual answers "
+                   "kept, chat and general-prose perplexity ratios, answers that end (needs a chat template).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @guarded
-def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, stream, as_json):
-    """Teacher vs student: perplexity, mean KL, top-1 agreement, per-layer hidden-state error."""
+def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, device, stream, chat, as_json):
+    """Teacher vs student: the chat report (what the student generates, beside the teacher), perplexity on the
+    data's held-out split, mean KL, top-1 agreement, per-layer hidden-state error."""
     quiet_hf()
     from pathlib import Path
 
@@ -229,6 +324,7 @@ def eval_cmd(model, teacher, data, text_field, seq_len, max_tokens, batch_size, 
         device=device,
         text_field=text_field,
         stream=stream,
+        chat=chat,
     )
     if as_json:
         click.echo(json.dumps(ev, indent=1))

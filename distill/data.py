@@ -2,9 +2,11 @@
 fixed held-out split.
 
 Sources (`--data`):
-    default / none      the Python language reference that ships with CPython (`pydoc_data.topics`, ~460k
-                        characters of English prose); offline, no download
-    teacher[:N]         N samples drawn from the teacher itself from short seed prompts, cached to disk
+    chat[:N] (default)  N conversations (default 768) sampled from the teacher itself with its chat template, every
+                        special token kept (distill/chat_data.py); cached on disk, shipped pre-generated for the
+                        embedded teacher; `teacher[:N]` is the same
+    python-docs         the Python language reference that ships with CPython (`pydoc_data.topics`, ~460k
+                        characters of English prose); offline, no download (the default before chat data)
     path.txt | dir/     plain text (a directory: every *.txt / *.md under it, one document per file)
     path.jsonl|.parquet one document per row, from the `text` field (`--text-field`)
     anything else       a Hugging Face dataset name (needs the `datasets` package and the network)
@@ -15,7 +17,6 @@ instead (distill/stream.py, same tokenization and packing rule).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -23,35 +24,12 @@ from pathlib import Path
 
 import torch
 
-from llamba.atomic import atomic_write
-from llamba.distill.teacher import cache_root
 from llamba.errors import LlambaError, one_line
 
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 0  # the held-out split does not depend on the run seed: every run evaluates on the same text
 
-SEED_PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how photosynthesis works.",
-    "Describe the history of the printing press.",
-    "What are the benefits of regular exercise?",
-    "Write an essay about the ocean.",
-    "Explain what a computer program is to a child.",
-    "Describe a busy market in the morning.",
-    "How do vaccines work?",
-    "Tell me about the Roman Empire.",
-    "Write a letter to a friend about a trip to the mountains.",
-    "Explain the water cycle.",
-    "What makes a good teacher?",
-    "Describe how bread is made.",
-    "Explain gravity in simple words.",
-    "Write a poem about autumn.",
-    "Why do we have seasons?",
-    "Describe the life of a honeybee.",
-    "Explain how a bicycle works.",
-    "What is the importance of sleep?",
-    "Summarize the plot of a mystery novel.",
-]
+DEFAULT_DATA = "chat"  # what --data means when it is not given
 
 
 class DataError(LlambaError, ValueError):
@@ -186,50 +164,30 @@ def _read_hf(name: str, field: str, max_docs: int) -> list[str]:
     return docs
 
 
-def teacher_samples(
-    teacher, tokenizer, n_samples: int = 256, max_new_tokens: int = 192, seed: int = 0, batch_size: int = 16
-) -> list[str]:
-    """Sample from the teacher (T = 1, top-p 0.95) from short chat prompts; cached on disk by teacher and settings,
-    so a second run reads the file (and a GPU box can produce it for a CPU one)."""
-    name = getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
-    key = hashlib.sha1(
-        f"{name}:{teacher.config.to_json_string()}:{n_samples}:{max_new_tokens}:{seed}".encode()
-    )
-    path = cache_root() / "data" / f"teacher-{key.hexdigest()[:12]}.jsonl"
-    if path.is_file():
-        return _read_jsonl(path, "text")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    docs = []
-    tokenizer.padding_side = "left"
-    for start in range(0, n_samples, batch_size):
-        prompts = []
-        for k in range(start, min(start + batch_size, n_samples)):
-            p = (
-                SEED_PROMPTS[int(torch.randint(len(SEED_PROMPTS), (1,), generator=gen))]
-                if k >= len(SEED_PROMPTS)
-                else SEED_PROMPTS[k]
-            )
-            msgs = [{"role": "user", "content": p}]
-            prompts.append(
-                tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-                if tokenizer.chat_template
-                else p
-            )
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            out = teacher.generate(
-                **enc,
-                do_sample=True,
-                temperature=1.0,
-                top_p=0.95,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        for row in out:
-            docs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    atomic_write(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return docs
+def chat_spec(spec: str | None) -> int | None:
+    """The number of conversations a chat-data spec asks for (None: not a chat spec). 'chat' / 'teacher' (and no
+    --data at all) mean the default count."""
+    from llamba.distill.chat_data import ChatSettings
+
+    if spec in (None, "", "default", "chat", "teacher"):
+        return ChatSettings().n
+    for prefix in ("chat:", "teacher:"):
+        if spec.startswith(prefix):
+            n = spec[len(prefix):]
+            if not n.isdigit() or int(n) < 2:
+                raise DataError(f"--data {spec}: the number of conversations must be an integer >= 2 "
+                                f"(e.g. {prefix}{ChatSettings().n})")
+            return int(n)
+    return None
+
+
+def teacher_chat_documents(teacher, tokenizer, n: int) -> list[str]:
+    """N conversations sampled from the teacher with its chat template (distill/chat_data.py), as training texts."""
+    from llamba.distill.chat_data import ChatSettings, chat_documents, teacher_chat
+
+    if teacher is None or tokenizer is None:
+        raise DataError("chat data (the default --data) is sampled from the teacher: pass a teacher and its tokenizer")
+    return chat_documents(teacher_chat(teacher, tokenizer, ChatSettings(n=n)), tokenizer)
 
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md", ".csv", ".tsv", ".bin", ".safetensors", ".gguf",
@@ -249,13 +207,11 @@ def load_documents(
     spec: str | None, text_field: str = "text", teacher=None, tokenizer=None, max_docs: int = 100_000
 ) -> list[str]:
     """Resolve `--data` (see the module docstring) to a list of documents."""
-    if spec in (None, "", "default", "none"):
+    n_chat = chat_spec(spec)
+    if n_chat is not None:
+        return teacher_chat_documents(teacher, tokenizer, n_chat)
+    if spec == "python-docs":
         return python_docs_corpus()
-    if spec == "teacher" or spec.startswith("teacher:"):
-        n = int(spec.split(":", 1)[1]) if ":" in spec else 256
-        if teacher is None:
-            raise DataError("--data teacher needs a teacher")
-        return teacher_samples(teacher, tokenizer, n_samples=n)
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
@@ -315,9 +271,11 @@ def split_documents(
 
 
 def doc_tokens(tokenizer, text: str) -> list[int]:
-    """One document's token ids followed by EOS: how every packer joins documents."""
+    """One document's token ids followed by EOS (unless it already ends with it, as a chat conversation does): how
+    every packer joins documents."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
 def pack(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llamba.atomic import recover_dir, replace_dir
+from llamba.atomic import replace_dir
 from llamba.devices import resolve_device
 from llamba.errors import ResourceError, UsageError
 
@@ -227,13 +227,6 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     ctx.barrier()
     if ctx.is_main:
         replace_dir(tmp, path)  # fsync, then path -> path.old, tmp -> path
-    ctx.barrier()
-
-
-def recover_checkpoint(path: str | Path, ctx: DistContext) -> None:
-    """A kill between save_sharded's two renames leaves only `path.old`: put it back (rank 0; all ranks wait)."""
-    if ctx.is_main:
-        recover_dir(path)
     ctx.barrier()
 
 

@@ -95,11 +95,13 @@ def evaluate(
     text_field: str = "text",
     docs: list[str] | None = None,
     stream: bool = False,
+    chat: bool = True,
 ) -> dict:
     """model: a Llamba checkpoint directory or a LlambaForCausalLM; teacher: a spec for load_teacher, a
     (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used; `stream`: the
     held-out documents of a `--stream` run). Evaluates on up to max_tokens held-out tokens in rows of seq_len.
-    Returns the metrics dict of `evaluate_tokens`."""
+    Returns the metrics dict of `evaluate_tokens`, plus under "chat" the generation-based report of
+    distill/chat_eval.py (with `chat` and a teacher tokenizer that has a chat template)."""
     dev = resolve_device(device)
     # The student first: a wrong --model fails at once, before the teacher is loaded (or converted from GGUF).
     student = load_model(model, device=dev) if isinstance(model, (str, Path)) else model.to(dev)
@@ -117,4 +119,9 @@ def evaluate(
         )
     held = heldout_rows(t, seq_len, data, text_field, docs, stream)
     n = max(1, min(held.shape[0], max_tokens // seq_len))
-    return evaluate_tokens(student, t.model, held[:n].to(dev), batch_size, per_layer)
+    out = evaluate_tokens(student, t.model, held[:n].to(dev), batch_size, per_layer)
+    if chat:
+        from llamba.distill.chat_eval import chat_report
+
+        out["chat"] = chat_report(student, t.model, t.tokenizer)
+    return out

@@ -26,20 +26,25 @@ def kd_loss(
     temperature: float = 1.0,
     labels: torch.Tensor | None = None,
     hard_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 3. logits: (b, l, v); labels: (b, l) next-token targets already aligned with the logits
-    (-100 ignored) -> scalar.
+    (-100 ignored); weights: (b, l) which positions count (bool or float; None: all) -> scalar.
 
-    Soft-label cross-entropy -sum_v softmax(t/T) log_softmax(s/T), mean over tokens, scaled by T^2 so its
-    gradient size does not depend on T (Hinton et al.); plus hard_weight * CE(s, labels) when asked."""
+    Soft-label cross-entropy -sum_v softmax(t/T) log_softmax(s/T), averaged over the counted positions, scaled by
+    T^2 so its gradient size does not depend on T (Hinton et al.); plus hard_weight * CE(s, labels) on the same
+    positions when asked."""
     v = student_logits.shape[-1]
     s = student_logits.float().reshape(-1, v) / temperature
     t = teacher_logits.float().reshape(-1, v) / temperature
-    soft = -(F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)).sum(-1).mean() * temperature**2
+    per_token = -(F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)).sum(-1) * temperature**2  # (b * l,)
+    w = None if weights is None else weights.reshape(-1).to(per_token.dtype)
+    soft = per_token.mean() if w is None else (per_token * w).sum() / w.sum().clamp_min(1.0)
     if hard_weight and labels is not None:
-        soft = soft + hard_weight * F.cross_entropy(
-            student_logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=-100
-        )
+        labels = labels.reshape(-1)
+        if w is not None:
+            labels = labels.masked_fill(w == 0, -100)
+        soft = soft + hard_weight * F.cross_entropy(student_logits.float().reshape(-1, v), labels, ignore_index=-100)
     return soft
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from llamba.atomic import clean_stale
-from llamba.checkpoints import load_model, record_distillation
+from llamba.checkpoints import CARD_METRICS, load_model, record_distillation
+from llamba.distill.chat_data import ChatMarkers
 from llamba.distill.data import TokenData, build_token_data, load_documents
 from llamba.distill.distributed import (
     DistContext,
@@ -45,7 +46,7 @@ from llamba.distill.distributed import (
 )
 from llamba.distill.init import build_student
 from llamba.distill.plots import plot_stage
-from llamba.distill.rundir import RunDir, RunError, StageDir, read_json, run_identity, write_json
+from llamba.distill.rundir import RunDir, RunError, StageDir, data_name, read_json, run_identity, write_json
 from llamba.distill.schedule import wsd_lr
 from llamba.distill.stages import (
     STAGES,
@@ -60,11 +61,17 @@ from llamba.distill.teacher import Teacher, get_teacher, resolve_device  # noqa:
 from llamba.distill.teacher_cache import epoch_pool
 from llamba.errors import LlambaError, ResourceError
 from llamba.model import LlambaBlock, LlambaForCausalLM
+from llamba.threads import ThreadGovernor
 
-# BENCHMARKS.md, "Distillation quality vs compute": the budget that fits 20 min wall on an idle 2-core CPU (bf16)
-DEFAULT_TOTAL_TOKENS = 100_000
+# BENCHMARKS.md, "Chat faithfulness": the budget that fits `llamba demo` in 20 min wall on an idle 2-core CPU with
+# bf16 instructions (chat data: 100,000 tokens took 12.8 min end to end, 150,000 took 19.9 min; more tokens is the
+# lever that moved every chat figure).
+DEFAULT_TOTAL_TOKENS = 150_000
 CLI_FLAGS = {"seq_len", "batch_size", "grad_accum", "lr", "seed", "precision", "temperature", "hard_weight",
-             "freeze_mlp", "teacher_bf16", "mixer_only", "epochs", "stream", "stream_shards", "tokens"}
+             "freeze_mlp", "teacher_bf16", "kd_tokens", "mixer_only", "epochs", "stream", "stream_shards", "tokens"}
+
+
+CARD_KEYS = {key for key, _, _ in CARD_METRICS}
 
 
 class Interrupted(LlambaError, RuntimeError):
@@ -194,7 +201,7 @@ def setup_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
     else:
         net = model
     return StageRun(spec, student, model, make_optimizer(named, spec), [p for _, p in named],
-                    record.step(net, teacher.model, spec, device), data, ctx, device, strategy, teacher_strategy,
+                    record.step(net, teacher.model, spec, device, ChatMarkers.of(teacher.tokenizer)), data, ctx, device, strategy, teacher_strategy,
                     plan_line)
 
 
@@ -342,18 +349,21 @@ def train_stage(
         sdir.write_metrics(state.metrics)  # drops rows logged after the checkpoint
     ctx.barrier()
     last_ckpt, done_here, total = time.time(), 0, spec.total_steps
+    threads = ThreadGovernor()
     with _progress(progress and main) as bar, sdir.open_log() as log:
         if progress and main:
             bar.console.print(f"stage {spec.stage}: {ctx.world_size} process(es), strategy {run.strategy}, "
                               f"teacher {run.teacher_strategy}; memory plan: {run.plan_line}")
         task = bar.add_task(f"stage {spec.stage}", total=total, completed=state.step, loss=float("nan"), tok_s=0.0)
         while state.step < total:
+            threads.update()
             try:
                 row = train_step(run, state.step)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"{e}; stopped without applying it, {_kept(ckpt, sdir)}; check the teacher's "
                                     f"weights, or retry with a lower --lr (now {spec.lr:g}) in a new --out (or "
                                     f"after deleting {sdir.path})") from None
+            row["threads"] = threads.threads
             state.step, state.elapsed = row["step"], state.elapsed + row["elapsed_s"]
             row["elapsed_s"] = round(state.elapsed, 3)
             state.metrics.append(row)
@@ -632,8 +642,9 @@ def distill_all(
                       text_field=text_field, stream=stream)
         if ctx.is_main:
             write_json(rd.eval_file, ev)
+            chat = {k: v for k, v in ev.get("chat", {}).items() if k in CARD_KEYS}
             record_distillation(rd.stage(max(STAGES)).path, teacher=teacher if isinstance(teacher, str) else None,
-                                tokens=tokens, ppl_ratio=ev.get("ppl_ratio"))
+                                tokens=tokens, ppl_ratio=ev.get("ppl_ratio"), data=data_name(data), **chat)
     ctx.barrier()
     result["eval"] = _read_eval(rd.eval_file)
     return result

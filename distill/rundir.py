@@ -84,12 +84,21 @@ def data_fingerprint(spec) -> str:
     return h.hexdigest()[:16]
 
 
+def data_name(data) -> str:
+    """--data as recorded: chat data as `chat:N` whichever way it was named (no --data, chat, teacher:N), so an
+    older run dir whose 'default' meant other text is refused instead of resumed on new data."""
+    from llamba.distill.data import chat_spec
+
+    n = chat_spec(None if data is None else str(data))
+    return f"chat:{n}" if n is not None else source_name(data)
+
+
 def run_identity(teacher, data, text_field: str, init: str) -> dict:
     """What a run is of. teacher: a distill.teacher.Teacher (its spec string and model config)."""
     return {
         "teacher": source_name(teacher.spec),
         "teacher_config": config_hash(teacher.model.config),
-        "data": source_name(data),
+        "data": data_name(data),
         "data_fingerprint": data_fingerprint(data),
         "text_field": text_field,
         "init": init,

@@ -29,6 +29,7 @@ from llamba.distill.teacher_cache import TeacherStateCache
 from llamba.errors import UsageError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+KD_TOKENS = ("assistant", "all")
 
 
 # The options only one stage reads (its command's --help shows them; `distill all` shows every stage's). Their
@@ -52,6 +53,9 @@ class Stage3Options:
     freeze_mlp: bool = option(False, "Stage 3: freeze MLPs (MOHAWK/Phi-Mamba variant).")
     teacher_bf16: bool = option(True, "Stage 3: run the teacher's forward under the student's bf16 autocast too "
                                       "(when the student uses bf16; same held-out quality, 4% less time).")
+    kd_tokens: str = option("assistant", "Stage 3: the tokens the KD loss is taken on: `assistant` (the answers "
+                                         "and their end-of-turn marker in chat data; every token of plain "
+                                         "text) or `all`.", choices=("assistant", "all"))
 
 
 def _default(cls, name: str):
@@ -82,6 +86,7 @@ class StageSpec:
     hard_weight: float = _default(Stage3Options, "hard_weight")
     freeze_mlp: bool = _default(Stage3Options, "freeze_mlp")
     teacher_bf16: bool = _default(Stage3Options, "teacher_bf16")
+    kd_tokens: str = _default(Stage3Options, "kd_tokens")
     mixer_only: bool = _default(Stage2Options, "mixer_only")
     epochs: int = 1  # stage 2: passes over tokens / epochs distinct tokens, teacher states cached (teacher_cache.py)
     stream: bool = False  # read --data lazily (distill/stream.py) instead of packing it in memory
@@ -111,6 +116,8 @@ class StageSpec:
                 f"stage {self.stage}: its budget of {self.tokens} tokens is less than half of one optimizer step "
                 f"({self.tokens_per_step} tokens = --seq-len {self.seq_len} x --batch-size {self.batch_size} x "
                 f"--grad-accum {self.grad_accum}); raise --tokens or lower --batch-size / --seq-len")
+        if self.kd_tokens not in KD_TOKENS:
+            raise UsageError(f"--kd-tokens must be one of {', '.join(KD_TOKENS)}, got {self.kd_tokens!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -216,7 +223,7 @@ def make_optimizer(named: list[tuple[str, nn.Parameter]], spec: StageSpec) -> to
 LossStep = Callable[[torch.Tensor, float], tuple[float, list[float] | None]]
 
 
-def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossStep:
+def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device, markers=None) -> LossStep:
     """Matrix orientation. Per layer: teacher attention maps of that layer only (eager, recomputed from the
     teacher's residual stream), student mixing matrix on the same input, backward at once (frees the maps)."""
 
@@ -237,7 +244,7 @@ def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossS
     return step
 
 
-def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossStep:
+def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device, markers=None) -> LossStep:
     """Hidden-state alignment. One teacher forward feeds every layer; layer i maps teacher hidden_states[i] to a
     prediction of hidden_states[i+1] (or, with mixer_only, of the attention output). With spec.epochs > 1 the
     teacher's states of each row are computed once and kept in memory (bf16)."""
@@ -258,8 +265,11 @@ def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device) -> LossS
     return step
 
 
-def stage3_step(student, teacher, spec: StageSpec, device: torch.device) -> LossStep:
-    """End-to-end knowledge distillation: soft CE against the teacher's distribution at temperature T."""
+def stage3_step(student, teacher, spec: StageSpec, device: torch.device, markers=None) -> LossStep:
+    """End-to-end knowledge distillation: soft CE against the teacher's distribution at temperature T, on the
+    positions that predict an assistant token (kd_tokens 'assistant', with the tokenizer's chat `markers`; plain-text
+    rows count whole) or on every position."""
+    from llamba.distill.chat_data import assistant_mask
 
     def step(ids: torch.Tensor, scale: float):
         with torch.no_grad(), (autocast_context(spec, device) if spec.teacher_bf16 else contextlib.nullcontext()):
@@ -267,7 +277,12 @@ def stage3_step(student, teacher, spec: StageSpec, device: torch.device) -> Loss
         with autocast_context(spec, device):
             s_logits = student(ids).logits
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-        loss = kd_loss(s_logits, t_logits, spec.temperature, labels=labels, hard_weight=spec.hard_weight)
+        weights = None
+        if spec.kd_tokens == "assistant" and markers is not None:
+            target = assistant_mask(ids, markers)  # (b, l): position i predicts token i + 1
+            weights = torch.cat([target[:, 1:], torch.zeros_like(target[:, :1])], dim=1)
+        loss = kd_loss(s_logits, t_logits, spec.temperature, labels=labels, hard_weight=spec.hard_weight,
+                       weights=weights)
         (loss * scale).backward()
         return loss.item(), None
 
@@ -348,5 +363,3 @@ DEFAULT_LR = {k: s.lr for k, s in STAGES.items()}
 TOKEN_SHARE = {k: s.token_share for k, s in STAGES.items()}
 DEFAULT_SEQ_LEN = {k: s.seq_len for k, s in STAGES.items()}
 DEFAULT_BATCH = {k: s.batch_size for k, s in STAGES.items()}
-DEFAULT_EPOCHS = {k: s.epochs for k, s in STAGES.items()}
-STAGE_STEPS = {k: s.step for k, s in STAGES.items()}

@@ -232,8 +232,8 @@ class AttentionMaps:
 
         self.teacher.set_attn_implementation("eager")  # the mask below is built for eager attention
         try:
-            self.mask = create_causal_mask(config=self.teacher.config, inputs_embeds=self.probe,
-                                           attention_mask=None, past_key_values=None, position_ids=self.pos)
+            # config, embeds, attention mask, cache: positional (the cache argument was renamed in transformers 5.x)
+            self.mask = create_causal_mask(self.teacher.config, self.probe, None, None, position_ids=self.pos)
         except BaseException:
             self.teacher.set_attn_implementation("sdpa")
             raise

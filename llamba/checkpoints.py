@@ -171,12 +171,23 @@ def atomic_save(model: LlambaForCausalLM, out_dir: str | Path, tokenizer=None, e
     return out
 
 
+# Generation-based checks on prompts that never entered training (distill/chat_eval.py), shown first on the card.
+CARD_METRICS = (
+    ("data", "distillation data", str),
+    ("fact_retained", "factual answers kept (of the teacher's right ones, greedy)", lambda v: f"{float(v):.0%}"),
+    ("chat_ppl_ratio", "chat perplexity ratio (teacher's sampled answers)", lambda v: f"{float(v):.2f}"),
+    ("prose_ppl_ratio", "general-prose perplexity ratio", lambda v: f"{float(v):.2f}"),
+    ("eos_rate", "answers that end (end-of-turn within 256 tokens)", lambda v: f"{float(v):.0%}"),
+)
+
+
 def model_card(config: LlambaConfig) -> str:
     """README.md of a checkpoint: what it is, where it came from (config.distillation), how to load it."""
     info = config.distillation or {}
     teacher = info.get("teacher") or "unknown"
     tokens = f"{int(info['tokens']):,}" if info.get("tokens") is not None else "unknown"
     ratio = f"{float(info['ppl_ratio']):.3f}" if info.get("ppl_ratio") is not None else "not measured"
+    chat_rows = "".join(f"| {label} | {fmt(info[key])} |\n" for key, label, fmt in CARD_METRICS if info.get(key) is not None)
     params = (config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
               + config.n_layer * (config.d_model * (config.d_in_proj + config.d_inner + 3 * config.intermediate_size)))
     return f"""---
@@ -192,7 +203,7 @@ distilled with MOHAWK (matrix orientation, hidden-state alignment, knowledge dis
 |---|---|
 | teacher | {teacher} |
 | distillation budget (tokens) | {tokens} |
-| held-out perplexity ratio (student / teacher) | {ratio} |
+{chat_rows}| held-out perplexity ratio (student / teacher), training-corpus split | {ratio} |
 | layers / width / heads / state | {config.n_layer} / {config.d_model} / {config.n_v_heads} / {config.d_state} |
 | parameters (approx.) | {params / 1e6:.1f}M |
 
@@ -211,13 +222,14 @@ and transformers.
 
 
 def record_distillation(path: str | Path, teacher: str | None = None, tokens: int | None = None,
-                        ppl_ratio: float | None = None) -> None:
+                        ppl_ratio: float | None = None, **metrics) -> None:
     """Add what is known about a finished distillation to a checkpoint's config.json (`distillation`) and
-    regenerate its model card. Each file is replaced atomically; unknown values keep what was recorded."""
+    regenerate its model card. metrics: more values to keep (the chat report's, CARD_METRICS). Each file is
+    replaced atomically; unknown values keep what was recorded."""
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
     info = dict(raw.get("distillation") or {})
-    for key, value in (("teacher", teacher), ("tokens", tokens), ("ppl_ratio", ppl_ratio)):
+    for key, value in (("teacher", teacher), ("tokens", tokens), ("ppl_ratio", ppl_ratio), *metrics.items()):
         if value is not None:
             info[key] = value
     raw["distillation"] = info

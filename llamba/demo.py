@@ -15,17 +15,18 @@ import click
               help="Quantization of the MLX export.")
 @click.option("--prompt", default="What is the capital of France?", show_default=True,
               help="The chat prompt answered at the end.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most tokens in that answer.")
 def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int) -> None:
-    """Distill the embedded SmolLM2-135M teacher, compare perplexities, export to MLX and answer one chat prompt.
+    """Distill the embedded SmolLM2-135M teacher on its own chat answers, report how the student answers beside
+    the teacher (prompts never seen in training), export to MLX and answer one chat prompt.
 
     Runs offline. Each step is resumable: an interrupted demo continues where it stopped."""
     import platform
     import time
     from pathlib import Path
 
-    from llamba.distill.cli import quiet_hf
+    from llamba.distill.cli import print_chat_report, quiet_hf
     from llamba.errors import guarded
 
     quiet_hf()
@@ -41,9 +42,12 @@ def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int
         click.secho("1/3 distill: init -> stage 1 -> stage 2 -> stage 3 (llamba distill all)", bold=True)
         result = distill_all(out=run_dir, tokens=tokens or DEFAULT_TOTAL_TOKENS)  # exactly `llamba distill all`
         ev, init = result["eval"], result["init"]
-        click.echo(f"held-out perplexity on {ev['tokens']:,} tokens: teacher {ev['teacher_ppl']:.2f} | "
-                   f"student after init {init['student_ppl']:.2f} | student after distillation {ev['student_ppl']:.2f} "
-                   f"(ratio {ev['ppl_ratio']:.2f}, top-1 agreement {ev['top1_agreement']:.1%})")
+        chat = ev.get("chat") or {}
+        if "fact_retained" in chat:
+            print_chat_report(chat, examples=False)
+        click.echo(f"held-out rows of the training conversations ({ev['tokens']:,} tokens): perplexity teacher "
+                   f"{ev['teacher_ppl']:.2f} | student after init {init['student_ppl']:.2f} | after distillation "
+                   f"{ev['student_ppl']:.2f} (ratio {ev['ppl_ratio']:.2f}, top-1 agreement {ev['top1_agreement']:.1%})")
 
         # MLX on Linux runs on the CPU with reference BLAS, where fp16 is emulated (about 30x slower): keep fp32.
         dtype = "float16" if platform.system() == "Darwin" else "float32"
@@ -61,12 +65,15 @@ def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int
 
         click.secho(f"3/3 chat ({backend}): {prompt}", bold=True)
         engine = open_engine(target, backend=backend)
-        session = ChatSession(engine, SamplingParams(max_new_tokens=max_tokens, repetition_penalty=1.2))
+        session = ChatSession(engine, SamplingParams(max_new_tokens=max_tokens))
         stream = TextStream(engine.tokenizer, session.params.stop_token_ids)
         start, n = time.perf_counter(), 0
         for tok in session.send(prompt):
             click.echo(stream.push(tok), nl=False)
             n += 1
-        click.echo(f"\n({n} tokens in {time.perf_counter() - start:.1f} s, greedy with repetition penalty 1.2)")
+        click.echo(f"\n({n} tokens in {time.perf_counter() - start:.1f} s, greedy)")
+        if chat.get("show"):
+            click.secho("teacher and student, side by side (prompts never seen in training, greedy):", bold=True)
+            print_chat_report(chat, tables=False)
 
     run()

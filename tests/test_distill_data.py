@@ -15,8 +15,8 @@ from llamba.distill.data import (
 from llamba.distill.testing import tiny_corpus, tiny_tokenizer
 
 
-def test_default_corpus_ships_with_python_and_is_prose():
-    docs = load_documents(None)
+def test_python_docs_corpus_ships_with_python_and_is_prose():
+    docs = load_documents("python-docs")
     assert docs == python_docs_corpus()
     assert len(docs) > 100 and sum(map(len, docs)) > 300_000
     assert any("statement" in d for d in docs)
@@ -68,18 +68,25 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
     assert data.train.shape[1] == 8 and data.heldout.shape[0] >= 1
 
 
-def test_teacher_samples_are_generated_once_and_cached(tmp_path, monkeypatch):
-    from llamba.distill.testing import tiny_teacher
+def test_default_data_is_the_teachers_chat_rendered_with_its_template(tmp_path, monkeypatch):
+    from llamba.distill import chat_data
+    from llamba.distill.data import chat_spec
+    from llamba.distill.testing import CHAT_VOCAB, tiny_chat_tokenizer, tiny_teacher
 
     monkeypatch.setenv("LLAMBA_CACHE", str(tmp_path))
+    monkeypatch.setattr(chat_data, "SHIPPED_DIR", tmp_path / "none")
     torch.set_num_threads(1)
-    teacher, tok = tiny_teacher(), tiny_tokenizer()
-    docs = load_documents("teacher:3", teacher=teacher, tokenizer=tok)
-    assert len(docs) == 3 and all(isinstance(d, str) for d in docs)
-    cached = list((tmp_path / "data").glob("teacher-*.jsonl"))
-    assert len(cached) == 1
-    monkeypatch.setattr("llamba.distill.data.SEED_PROMPTS", [])  # a second call must not sample again
-    assert load_documents("teacher:3", teacher=teacher, tokenizer=tok) == docs
+    teacher, tok = tiny_teacher(vocab_size=CHAT_VOCAB), tiny_chat_tokenizer()
+    monkeypatch.setattr(chat_data.ChatSettings, "max_new_tokens", 6)
+    docs = load_documents("teacher:4", teacher=teacher, tokenizer=tok)
+    assert docs == load_documents("chat:4", teacher=teacher, tokenizer=tok)  # two names, one corpus (cached)
+    assert docs and all(d.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in d for d in docs)
+    assert len(list((tmp_path / "data").glob("chat-train-*.jsonl"))) == 1
+    assert chat_spec(None) == chat_spec("chat") == chat_data.ChatSettings().n and chat_spec("notes.txt") is None
+    with pytest.raises(DataError, match="chat data needs an Instruct teacher|no chat template"):
+        load_documents(None, teacher=teacher, tokenizer=tiny_tokenizer())
+    with pytest.raises(DataError, match="integer >= 2"):
+        load_documents("chat:x", teacher=teacher, tokenizer=tok)
 
 
 def test_a_single_document_is_cut_so_a_heldout_split_exists(tmp_path):
