@@ -148,7 +148,7 @@ def assistant_mask(ids: torch.Tensor, markers: ChatMarkers | None) -> torch.Tens
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_answers(model, prompts: list[list[int]], seeds: list[int], params: SamplingParams, eos_ids: tuple[int, ...],
-                   pad_id: int, batch_size: int = 16, progress=None) -> list[tuple[list[int], bool]]:
+                   pad_id: int, batch_size: int = 16) -> list[tuple[list[int], bool]]:
     """prompts: token ids per row; seeds: one per row -> per row (answer ids, ended with an EOS id). The EOS is not
     included in the ids. Rows are batched by length (left padding, position ids from the mask); each row draws
     from its own generator, so a row's answer does not depend on its batch (up to float rounding)."""
@@ -161,9 +161,18 @@ def sample_answers(model, prompts: list[list[int]], seeds: list[int], params: Sa
                              device)
         for i, row in zip(idx, rows, strict=True):
             out[i] = row
-        if progress is not None:
-            progress(len(idx), sum(len(r[0]) for r in rows))
     return out  # type: ignore[return-value]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention mask), both (b, longest), padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def record_tokens(live: list[int], tokens: list[int], stop, answers, ended) -> list[int]:
@@ -183,13 +192,8 @@ def _sample_batch(model, prompts, seeds, params: SamplingParams, eos_ids, pad_id
     """One left-padded batch; rows that finish leave the batch (their KV cache rows are dropped)."""
     from transformers import DynamicCache
 
-    b, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros(b, width, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    b = len(prompts)
+    ids, mask = left_pad(prompts, pad_id, device)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache()
@@ -242,8 +246,8 @@ def user_turns(settings: ChatSettings) -> list[list[str]]:
     raise ChatDataError(f"unknown prompt set {settings.prompt_set!r} (train, open-eval, fact-eval)")
 
 
-def generate_records(model, tokenizer, settings: ChatSettings, first: int, last: int, batch_size: int = 16,
-                     progress=None) -> list[dict]:
+def generate_records(model, tokenizer, settings: ChatSettings, first: int, last: int,
+                     batch_size: int = 16) -> list[dict]:
     """Conversations first..last-1 of the prompt set, every turn answered by the teacher. A conversation whose
     answer hit max_new_tokens stops at that turn (its record says `ended: false`)."""
     from llamba.generate import chat_stop_ids
@@ -261,8 +265,7 @@ def generate_records(model, tokenizer, settings: ChatSettings, first: int, last:
         for i in live:
             convs[i].append({"role": "user", "content": turns[i][turn]})
         rows = sample_answers(model, [prompt_ids(tokenizer, convs[i]) for i in live],
-                              [row_seed(settings.seed, first + i, turn) for i in live], params, eos, pad, batch_size,
-                              progress)
+                              [row_seed(settings.seed, first + i, turn) for i in live], params, eos, pad, batch_size)
         for i, (answer, ok) in zip(live, rows, strict=True):
             convs[i].append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=False)})
             ended[i] = ok
@@ -314,9 +317,10 @@ def teacher_chat(model, tokenizer, settings: ChatSettings = ChatSettings(), batc
             f"(T={settings.temperature}, top-p {settings.top_p}; resumable, {len(have)} already there)")
     t0, n_tok = time.perf_counter(), 0
     chunk = batch_size * 4
-    # Rewrite the kept records first, so a line cut by an earlier kill does not stay in the middle of the file.
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in have)
+    if path.is_file():  # drop a line cut by an earlier kill (the records before it stay on disk as they are)
+        raw = path.read_bytes()
+        os.truncate(path, raw.rfind(b"\n") + 1)
+    with open(path, "a", encoding="utf-8") as f:
         while len(have) < settings.n:
             new = generate_records(model, tokenizer, settings, len(have), min(settings.n, len(have) + chunk),
                                    batch_size)

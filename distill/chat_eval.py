@@ -26,6 +26,7 @@ from llamba.distill.chat_data import (
     ChatSettings,
     assistant_mask,
     has_chat_template,
+    left_pad,
     prompt_ids,
     record_tokens,
     teacher_chat,
@@ -55,14 +56,9 @@ def student_answers(model, prompts: list[list[int]], max_new_tokens: int, stop_i
     stop = set(stop_ids)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in idx], pad_id, device)
         state = model.alloc_state(len(idx))
-        logits = model(ids.to(device), state=state, attention_mask=mask.to(device), num_last_tokens=1).logits[:, -1]
+        logits = model(ids, state=state, attention_mask=mask, num_last_tokens=1).logits[:, -1]
         live, answers, ended = list(idx), {i: [] for i in idx}, dict.fromkeys(idx, False)
         for _ in range(max_new_tokens):
             tokens = logits.argmax(-1).tolist()

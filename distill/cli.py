@@ -257,6 +257,7 @@ def chat_data_cmd(teacher, n, batch_size, device, ship):
 
     import torch
 
+    from llamba.atomic import atomic_write
     from llamba.distill import chat_prompts
     from llamba.distill.chat_data import (
         SHIPPED_DIR,
@@ -278,10 +279,7 @@ def chat_data_cmd(teacher, n, batch_size, device, ship):
         path = corpus_path(fp, settings)
         click.echo(f"{settings.prompt_set}: {len(records)} conversations ({ended} ended with EOS) in {path}")
         if ship and path.is_file():
-            SHIPPED_DIR.mkdir(exist_ok=True)
-            dest = SHIPPED_DIR / path.name
-            with open(dest, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            dest = atomic_write(SHIPPED_DIR / path.name, "".join(json.dumps(r) + "\n" for r in records))
             click.echo(f"  shipped as {dest}")
 
 
