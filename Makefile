@@ -40,6 +40,7 @@ demo: setup
 
 test: setup .venv/.cuda-sim .venv/.eval
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 	# The kernels="cuda" path on CPU: TRITON_INTERPRET must be set before triton is imported, so its own process.
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_cuda_path.py

@@ -44,9 +44,17 @@ from common import append_section, markdown_table  # noqa: E402
 def smollm2_llama_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                       max_position_embeddings=40000)
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=40000,
+    )
 
 
 def cpu_flags() -> set[str]:
@@ -80,8 +88,11 @@ def pairs(fn_teacher, fn_student, reps: int, warmup: bool = True) -> dict:
     for _ in range(reps):
         tt.append(timed(fn_teacher))
         ts.append(timed(fn_student))
-    return {"teacher_s": statistics.median(tt), "student_s": statistics.median(ts),
-            "ratio": statistics.median(a / b for a, b in zip(tt, ts, strict=True))}
+    return {
+        "teacher_s": statistics.median(tt),
+        "student_s": statistics.median(ts),
+        "ratio": statistics.median(a / b for a, b in zip(tt, ts, strict=True)),
+    }
 
 
 def param_bytes(model) -> int:
@@ -133,7 +144,9 @@ def teacher_cache(cfg, context: int, dtype):
     cache = DynamicCache(config=cfg)
     kv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(1, kv, context, hd, dtype=dtype), torch.randn(1, kv, context, hd, dtype=dtype), i)
+        cache.update(
+            torch.randn(1, kv, context, hd, dtype=dtype), torch.randn(1, kv, context, hd, dtype=dtype), i
+        )
     return cache
 
 
@@ -153,7 +166,11 @@ def decode_fns(teacher, student, cfg, context: int, tokens: int, teacher_side: b
         with torch.inference_mode():
             tok = torch.tensor([[1]])
             for _ in range(tokens):
-                tok = teacher(tok, past_key_values=tcache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                tok = (
+                    teacher(tok, past_key_values=tcache, use_cache=True)
+                    .logits[:, -1]
+                    .argmax(-1, keepdim=True)
+                )
         for layer in tcache.layers:  # back to `context` tokens for the next rep
             layer.keys, layer.values = layer.keys[:, :, :context], layer.values[:, :, :context]
 
@@ -165,7 +182,9 @@ def decode_fns(teacher, student, cfg, context: int, tokens: int, teacher_side: b
 
     if tcache is None:
         return None, s, 0, sstate.nbytes()
-    kv_bytes = sum(x.numel() * x.element_size() for layer in tcache.layers for x in (layer.keys, layer.values))
+    kv_bytes = sum(
+        x.numel() * x.element_size() for layer in tcache.layers for x in (layer.keys, layer.values)
+    )
     return t, s, kv_bytes, sstate.nbytes()
 
 
@@ -192,11 +211,21 @@ def scan_speedup(length: int, reps: int, chunk: int = 128) -> dict:
     B, C = torch.randn(1, length, h, n, generator=g), torch.randn(1, length, h, n, generator=g)
     with torch.inference_mode():
         r = pairs(lambda: ssd_recurrent(x, a, B, C), lambda: ssd_chunked(x, a, B, C, chunk), reps)
-        prev = pairs(lambda: previous_scan(x, a, B, C, chunk, None), lambda: ssd_chunked(x, a, B, C, chunk), reps)
+        prev = pairs(
+            lambda: previous_scan(x, a, B, C, chunk, None), lambda: ssd_chunked(x, a, B, C, chunk), reps
+        )
         B3, C3 = B[:, :, :3].contiguous(), C[:, :, :3].contiguous()
-        prev3 = pairs(lambda: previous_scan(x, a, B3, C3, chunk, None), lambda: ssd_chunked(x, a, B3, C3, chunk), reps)
-    return {"recurrent_s": r["teacher_s"], "chunked_s": r["student_s"], "speedup": r["ratio"],
-            "vs_previous": prev["ratio"], "vs_previous_g3": prev3["ratio"], "inputs": (x, a, B, C)}
+        prev3 = pairs(
+            lambda: previous_scan(x, a, B3, C3, chunk, None), lambda: ssd_chunked(x, a, B3, C3, chunk), reps
+        )
+    return {
+        "recurrent_s": r["teacher_s"],
+        "chunked_s": r["student_s"],
+        "speedup": r["ratio"],
+        "vs_previous": prev["ratio"],
+        "vs_previous_g3": prev3["ratio"],
+        "inputs": (x, a, B, C),
+    }
 
 
 def previous_scan(x, log_decay, B, C, chunk_size, initial_state):
@@ -272,7 +301,9 @@ def compiled_decode(student, tokens: int, reps: int) -> dict:
     a state of 256 tokens: the model's own step graph (`LlambaForCausalLM.use_compiled_step`), which takes the
     state tensors as arguments and writes the new state back in place, so one graph serves every step."""
     state = student_state(student, 256)
-    compiled = torch.compile(student._step_graph, dynamic=False)  # what `use_compiled_step` / `--compile` runs
+    compiled = torch.compile(
+        student._step_graph, dynamic=False
+    )  # what `use_compiled_step` / `--compile` runs
 
     def eager():
         with torch.inference_mode():
@@ -316,9 +347,15 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=4, help="tokens per timed decode run")
     ap.add_argument("--seqs", type=int, nargs="+", default=[512, 4096], help="prefill lengths")
     ap.add_argument("--train-seq", type=int, default=512)
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile lever (~1 min to compile)")
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks the script, numbers mean little")
-    ap.add_argument("--no-append", action="store_true", help="print only; do not append to bench/results/HISTORY.md")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile lever (~1 min to compile)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="small sizes: checks the script, numbers mean little"
+    )
+    ap.add_argument(
+        "--no-append", action="store_true", help="print only; do not append to bench/results/HISTORY.md"
+    )
     args = ap.parse_args()
     if args.quick:
         args.reps, args.contexts, args.decode, args.seqs, args.train_seq = 1, [64, 512], 2, [64, 2048], 64
@@ -334,12 +371,17 @@ def main() -> None:
     flags = cpu_flags()
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
     load_start = loadavg()
-    print(f"threads {args.threads}, load {load_start}, avx512_bf16 {'avx512_bf16' in flags}, "
-          f"amx_bf16 {'amx_bf16' in flags}", flush=True)
+    print(
+        f"threads {args.threads}, load {load_start}, avx512_bf16 {'avx512_bf16' in flags}, "
+        f"amx_bf16 {'amx_bf16' in flags}",
+        flush=True,
+    )
     cfg = smollm2_llama_config()
     teacher = LlamaForCausalLM(cfg).eval()
     student = LlambaForCausalLM(LlambaConfig.from_llama_config(cfg)).eval()
-    grouped = LlambaForCausalLM(LlambaConfig.from_llama_config(cfg, n_qk_heads=cfg.num_key_value_heads)).eval()
+    grouped = LlambaForCausalLM(
+        LlambaConfig.from_llama_config(cfg, n_qk_heads=cfg.num_key_value_heads)
+    ).eval()
     vocab = cfg.vocab_size
     goals, rows_lever = [], []
 
@@ -350,16 +392,31 @@ def main() -> None:
     # Scan
     scan_len = 4096 if not args.quick else 512
     scan = scan_speedup(scan_len, args.reps)
-    goal(f"`ssd_chunked` / `ssd_recurrent`, L = {scan_len}", f"{scan['speedup']:.1f}x", ">= 20x", scan["speedup"] >= 20,
-         f"{scan['chunked_s'] * 1e3:.0f} ms vs {scan['recurrent_s']:.2f} s")
-    rows_lever.append([f"scan rewrite vs the previous torch scan, L = {scan_len}", f"{scan['vs_previous']:.2f}x",
-                       f"{scan['vs_previous_g3']:.2f}x with 3 B/C groups (no repeat of B, C)"])
+    goal(
+        f"`ssd_chunked` / `ssd_recurrent`, L = {scan_len}",
+        f"{scan['speedup']:.1f}x",
+        ">= 20x",
+        scan["speedup"] >= 20,
+        f"{scan['chunked_s'] * 1e3:.0f} ms vs {scan['recurrent_s']:.2f} s",
+    )
+    rows_lever.append(
+        [
+            f"scan rewrite vs the previous torch scan, L = {scan_len}",
+            f"{scan['vs_previous']:.2f}x",
+            f"{scan['vs_previous_g3']:.2f}x with 3 B/C groups (no repeat of B, C)",
+        ]
+    )
     print(f"  {rows_lever[-1]}", flush=True)
     if not args.no_compile:
         comp = compiled_scan(scan["inputs"], args.reps)
         if comp["ok"]:
-            rows_lever.append([f"torch.compile of the scan, L = {scan_len}", f"{comp['ratio']:.2f}x eager",
-                               f"first call (compile) {comp['compile_s']:.0f} s"])
+            rows_lever.append(
+                [
+                    f"torch.compile of the scan, L = {scan_len}",
+                    f"{comp['ratio']:.2f}x eager",
+                    f"first call (compile) {comp['compile_s']:.0f} s",
+                ]
+            )
         else:
             rows_lever.append(["torch.compile of the scan", "compile failed: eager fallback", ""])
         print(f"  {rows_lever[-1]}", flush=True)
@@ -368,15 +425,27 @@ def main() -> None:
     for seq in args.seqs:
         ids = torch.randint(0, vocab, (1, seq))
         long = seq >= 2048
-        r = pairs(*prefill_fns(teacher, student, ids), max(1, args.reps - 1) if long else args.reps, warmup=not long)
+        r = pairs(
+            *prefill_fns(teacher, student, ids), max(1, args.reps - 1) if long else args.reps, warmup=not long
+        )
         target = 1.5 if seq >= 4096 else 0.8
-        goal(f"forward (prefill), seq {seq}", f"{r['ratio']:.2f}x", f">= {target}x", r["ratio"] >= target,
-             f"{seq / r['student_s']:.0f} vs {seq / r['teacher_s']:.0f} tok/s")
+        goal(
+            f"forward (prefill), seq {seq}",
+            f"{r['ratio']:.2f}x",
+            f">= {target}x",
+            r["ratio"] >= target,
+            f"{seq / r['student_s']:.0f} vs {seq / r['teacher_s']:.0f} tok/s",
+        )
         if seq >= 2048:
             continue
         rg = pairs(*prefill_fns(teacher, grouped, ids), args.reps)
-        rows_lever.append([f"grouped B/C (n_qk_heads = 3): forward seq {seq} vs teacher", f"{rg['ratio']:.2f}x",
-                           f"default student {r['ratio']:.2f}x in the same run"])
+        rows_lever.append(
+            [
+                f"grouped B/C (n_qk_heads = 3): forward seq {seq} vs teacher",
+                f"{rg['ratio']:.2f}x",
+                f"default student {r['ratio']:.2f}x in the same run",
+            ]
+        )
         print(f"  {rows_lever[-1]}", flush=True)
 
     # Training step
@@ -391,19 +460,30 @@ def main() -> None:
             def run():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     fn()
+
             return run
 
         rb = pairs(under_autocast(t_fn), under_autocast(s_fn), args.reps)
-        rows_lever.append([f"training step (stage 3), seq {args.train_seq}, both under bf16 autocast (distill's "
-                           "default on this CPU)", f"{rb['ratio']:.2f}x the teacher's fwd+bwd",
-                           f"{rb['student_s']:.2f} s vs {rb['teacher_s']:.2f} s; fp32 {r['ratio']:.2f}x"])
+        rows_lever.append(
+            [
+                f"training step (stage 3), seq {args.train_seq}, both under bf16 autocast (distill's "
+                "default on this CPU)",
+                f"{rb['ratio']:.2f}x the teacher's fwd+bwd",
+                f"{rb['student_s']:.2f} s vs {rb['teacher_s']:.2f} s; fp32 {r['ratio']:.2f}x",
+            ]
+        )
         print(f"  {rows_lever[-1]}", flush=True)
     teacher.eval()
     student.eval()
     teacher.zero_grad(set_to_none=True)
     student.zero_grad(set_to_none=True)
-    goal(f"training step (stage 3), seq {args.train_seq}", f"{r['ratio']:.2f}x", ">= 0.7x", r["ratio"] >= 0.7,
-         f"{r['student_s']:.2f} s vs teacher fwd+bwd {r['teacher_s']:.2f} s")
+    goal(
+        f"training step (stage 3), seq {args.train_seq}",
+        f"{r['ratio']:.2f}x",
+        ">= 0.7x",
+        r["ratio"] >= 0.7,
+        f"{r['student_s']:.2f} s vs teacher fwd+bwd {r['teacher_s']:.2f} s",
+    )
 
     # Decode
     bw = copy_bandwidth()
@@ -415,23 +495,47 @@ def main() -> None:
         s_tok, t_tok = args.decode / r["student_s"], args.decode / r["teacher_s"]
         s_bytes, t_bytes = s_w + state_bytes, t_w + kv_bytes
         s_speeds.append(s_tok)
-        decode_rows.append([context, f"{s_tok:.1f}", f"{t_tok:.1f}", f"{r['ratio']:.2f}x", f"{t_bytes / s_bytes:.2f}x",
-                            f"{state_bytes / 2**20:.1f}", f"{kv_bytes / 2**20:.0f}",
-                            f"{100 * s_tok * s_bytes / bw:.0f}%", f"{100 * t_tok * t_bytes / bw:.0f}%"])
+        decode_rows.append(
+            [
+                context,
+                f"{s_tok:.1f}",
+                f"{t_tok:.1f}",
+                f"{r['ratio']:.2f}x",
+                f"{t_bytes / s_bytes:.2f}x",
+                f"{state_bytes / 2**20:.1f}",
+                f"{kv_bytes / 2**20:.0f}",
+                f"{100 * s_tok * s_bytes / bw:.0f}%",
+                f"{100 * t_tok * t_bytes / bw:.0f}%",
+            ]
+        )
         print("  decode", decode_rows[-1], flush=True)
         if context >= 8192:
-            goal(f"decode student/teacher at {context}", f"{r['ratio']:.2f}x", f">= bytes ratio {t_bytes / s_bytes:.2f}x",
-                 r["ratio"] >= t_bytes / s_bytes)
+            goal(
+                f"decode student/teacher at {context}",
+                f"{r['ratio']:.2f}x",
+                f">= bytes ratio {t_bytes / s_bytes:.2f}x",
+                r["ratio"] >= t_bytes / s_bytes,
+            )
         del t_fn, s_fn
     frac = statistics.median(s_speeds) * (s_w + student.alloc_state(1).nbytes()) / bw
-    goal("batch-1 decode, fraction of bandwidth limit (fp32)", f"{100 * frac:.0f}%", ">= 50%", frac >= 0.5,
-         f"limit {bw / (s_w + student.alloc_state(1).nbytes()):.1f} tok/s at {bw / 1e9:.1f} GB/s copy")
+    goal(
+        "batch-1 decode, fraction of bandwidth limit (fp32)",
+        f"{100 * frac:.0f}%",
+        ">= 50%",
+        frac >= 0.5,
+        f"limit {bw / (s_w + student.alloc_state(1).nbytes()):.1f} tok/s at {bw / 1e9:.1f} GB/s copy",
+    )
     rr = decode_spread(student, args.contexts, 4 * args.decode, args.reps)
     spread = (max(rr.values()) - min(rr.values())) / max(rr.values())
     paired = (max(s_speeds) - min(s_speeds)) / max(s_speeds)
-    goal(f"decode speed spread, contexts {args.contexts[0]}..{args.contexts[-1]}", f"{100 * spread:.1f}%", "<= 10%",
-         spread <= 0.1, "round-robin over contexts: " + " / ".join(f"{v:.1f}" for v in rr.values()) + " tok/s "
-         f"(in the paired runs above, one context after another: {100 * paired:.1f}%); state size constant")
+    goal(
+        f"decode speed spread, contexts {args.contexts[0]}..{args.contexts[-1]}",
+        f"{100 * spread:.1f}%",
+        "<= 10%",
+        spread <= 0.1,
+        "round-robin over contexts: " + " / ".join(f"{v:.1f}" for v in rr.values()) + " tok/s "
+        f"(in the paired runs above, one context after another: {100 * paired:.1f}%); state size constant",
+    )
 
     # bf16 lever
     if has_bf16:
@@ -449,10 +553,15 @@ def main() -> None:
         r = pairs(s32, s16, args.reps)
         b16 = param_bytes(student_bf16) + sb
         tok16 = args.decode / r["student_s"]
-        rows_lever.append(["bf16 weights (AVX512-BF16 present), decode", f"{r['ratio']:.2f}x fp32",
-                           f"{tok16:.1f} tok/s = {100 * tok16 * b16 / bw:.0f}% of the bf16 bandwidth limit; logits "
-                           f"rel err {acc['rel_err']:.1e}, argmax agreement {100 * acc['argmax_agree']:.0f}% (teacher in bf16: "
-                           f"{acc_t['rel_err']:.1e}, {100 * acc_t['argmax_agree']:.0f}%; random weights)"])
+        rows_lever.append(
+            [
+                "bf16 weights (AVX512-BF16 present), decode",
+                f"{r['ratio']:.2f}x fp32",
+                f"{tok16:.1f} tok/s = {100 * tok16 * b16 / bw:.0f}% of the bf16 bandwidth limit; logits "
+                f"rel err {acc['rel_err']:.1e}, argmax agreement {100 * acc['argmax_agree']:.0f}% (teacher in bf16: "
+                f"{acc_t['rel_err']:.1e}, {100 * acc_t['argmax_agree']:.0f}%; random weights)",
+            ]
+        )
         ids = torch.randint(0, vocab, (1, args.seqs[0]))
         _, p32 = prefill_fns(teacher, student, ids)
         _, p16 = prefill_fns(teacher, student_bf16, ids)
@@ -466,20 +575,32 @@ def main() -> None:
         cd = compiled_decode(student, args.decode, args.reps)
         if cd["ok"]:
             tokc = args.decode / cd["student_s"]
-            rows_lever.append(["torch.compile of the whole decode step (fp32, context 256)", f"{cd['ratio']:.2f}x eager",
-                               f"{tokc:.1f} tok/s = {100 * tokc * (s_w + student.alloc_state(1).nbytes()) / bw:.0f}% of "
-                               f"the bandwidth limit; compile {cd['compile_s']:.0f} s; logits rel err "
-                               f"{cd['rel_err']:.1e} vs eager"])
+            rows_lever.append(
+                [
+                    "torch.compile of the whole decode step (fp32, context 256)",
+                    f"{cd['ratio']:.2f}x eager",
+                    f"{tokc:.1f} tok/s = {100 * tokc * (s_w + student.alloc_state(1).nbytes()) / bw:.0f}% of "
+                    f"the bandwidth limit; compile {cd['compile_s']:.0f} s; logits rel err "
+                    f"{cd['rel_err']:.1e} vs eager",
+                ]
+            )
         else:
             rows_lever.append(["torch.compile of the whole decode step", "compile failed", cd["error"]])
         print(f"  {rows_lever[-1]}", flush=True)
 
-    per_layer = [(m.mixer.in_proj.weight.numel() + m.mixer.out_proj.weight.numel()) / 1e6
-                 for m in (student.backbone.layers[0], grouped.backbone.layers[0])]
+    per_layer = [
+        (m.mixer.in_proj.weight.numel() + m.mixer.out_proj.weight.numel()) / 1e6
+        for m in (student.backbone.layers[0], grouped.backbone.layers[0])
+    ]
     attn = teacher.model.layers[0].self_attn
     t_mix = sum(lin.weight.numel() for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)) / 1e6
-    rows_lever.append(["mixer weights per layer (in_proj + out_proj)", f"{per_layer[0]:.2f}M default, "
-                       f"{per_layer[1]:.2f}M grouped", f"teacher q/k/v/o {t_mix:.2f}M"])
+    rows_lever.append(
+        [
+            "mixer weights per layer (in_proj + out_proj)",
+            f"{per_layer[0]:.2f}M default, {per_layer[1]:.2f}M grouped",
+            f"teacher q/k/v/o {t_mix:.2f}M",
+        ]
+    )
 
     load_end = loadavg()
     try:  # 1-minute load averages at start and end
@@ -487,19 +608,35 @@ def main() -> None:
     except (IndexError, ValueError):
         peak = float("inf")
     busy = "no other job was running" if peak <= (os.cpu_count() or 1) + 0.5 else "the machine was shared"
-    head = (f"CPU flags: avx512_bf16 {'avx512_bf16' in flags}, amx_bf16 {'amx_bf16' in flags}; {args.threads} "
-            f"threads; load average {load_start} at start, {load_end} at end ({busy}: ratios from "
-            f"interleaved pairs, median of {args.reps} (of {max(1, args.reps - 1)} at seq >= 2048), matter more than absolute times). Random weights at the "
-            f"SmolLM2-135M shape; fp32 unless stated. Copy bandwidth {bw / 1e9:.1f} GB/s (read + write of 512 MiB); "
-            f"bytes per decoded token = weights + state (student) or weights + KV cache (teacher); decode contexts "
-            f"use a random state / KV cache of that length.")
-    body = "\n\n".join([
-        head,
-        markdown_table(["goal", "measured", "target", "", "detail"], goals),
-        markdown_table(["context", "Llamba tok/s", "Llama+KV tok/s", "ratio", "bytes ratio (teacher/student)",
-                        "Llamba state MB", "Llama KV MB", "Llamba % of bw limit", "Llama % of bw limit"], decode_rows),
-        markdown_table(["lever", "effect", "note"], rows_lever),
-    ])
+    head = (
+        f"CPU flags: avx512_bf16 {'avx512_bf16' in flags}, amx_bf16 {'amx_bf16' in flags}; {args.threads} "
+        f"threads; load average {load_start} at start, {load_end} at end ({busy}: ratios from "
+        f"interleaved pairs, median of {args.reps} (of {max(1, args.reps - 1)} at seq >= 2048), matter more than absolute times). Random weights at the "
+        f"SmolLM2-135M shape; fp32 unless stated. Copy bandwidth {bw / 1e9:.1f} GB/s (read + write of 512 MiB); "
+        f"bytes per decoded token = weights + state (student) or weights + KV cache (teacher); decode contexts "
+        f"use a random state / KV cache of that length."
+    )
+    body = "\n\n".join(
+        [
+            head,
+            markdown_table(["goal", "measured", "target", "", "detail"], goals),
+            markdown_table(
+                [
+                    "context",
+                    "Llamba tok/s",
+                    "Llama+KV tok/s",
+                    "ratio",
+                    "bytes ratio (teacher/student)",
+                    "Llamba state MB",
+                    "Llama KV MB",
+                    "Llamba % of bw limit",
+                    "Llama % of bw limit",
+                ],
+                decode_rows,
+            ),
+            markdown_table(["lever", "effect", "note"], rows_lever),
+        ]
+    )
     print("\n" + body)
     if not args.no_append:
         append_section("Model core speed: prefill, training step, decode, scan (CPU, issue 15)", body)

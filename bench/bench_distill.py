@@ -5,6 +5,7 @@
     python bench/bench_distill.py report RUN_DIR [RUN_DIR ...]   # per-stage errors / ppl of finished runs
     python bench/bench_distill.py stream      # --stream on a large JSONL: tok/s, resume latency, peak memory
     python bench/bench_distill.py busy        # a stage idle, then beside one busy process (auto vs fixed threads)
+    python bench/bench_distill.py compare [BASE]  # stages 2 and 3 tok/s: this tree vs commit BASE (default HEAD)
 
 Each prints one JSON line per measurement.
 """
@@ -20,8 +21,10 @@ import torch
 
 
 def _teacher():
+    from llamba.distill.cli import quiet_hf
     from llamba.distill.teacher import get_teacher
 
+    quiet_hf()  # no transformers progress bars between the JSON rows
     return get_teacher("default", torch.device("cpu"))
 
 
@@ -31,7 +34,9 @@ def bench_init(eval_tokens: int = 512) -> None:
     from llamba.distill.init import build_student
 
     t = _teacher()
-    held = build_token_data(load_documents(None, teacher=t.model, tokenizer=t.tokenizer), t.tokenizer, 256).heldout[: eval_tokens // 256]
+    held = build_token_data(
+        load_documents(None, teacher=t.model, tokenizer=t.tokenizer), t.tokenizer, 256
+    ).heldout[: eval_tokens // 256]
     for init in ("llamba", "attention"):
         student = build_student(t.model, init=init, seed=0)
         ev = evaluate_tokens(student, t.model, held)
@@ -99,7 +104,9 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def bench_stream(copies: int = 120, seq_len: int = 256, batches: int = 1000, batch: int = 8, shards: int = 8) -> None:
+def bench_stream(
+    copies: int = 120, seq_len: int = 256, batches: int = 1000, batch: int = 8, shards: int = 8
+) -> None:
     """The embedded teacher's tokenizer on a JSONL of `copies` x the default corpus: open (held-out scan), streamed
     tokens/s of packed rows, time to the first batch after a restore deep in the stream, and the growth of the
     process's resident memory, then the same file loaded in memory (`load_documents`) for comparison."""
@@ -139,13 +146,42 @@ def bench_stream(copies: int = 120, seq_len: int = 256, batches: int = 1000, bat
         t0 = time.time()
         loaded = load_documents(str(path), max_docs=10**9)
         t_load = time.time() - t0
-        print(json.dumps({
-            "bench": "stream", "file_mib": round(path.stat().st_size / 2**20, 1), "docs": len(loaded),
-            "seq_len": seq_len, "shards": shards, "open_s": round(t_open, 2), "stream_tok_s": round(tok_s),
-            "resume_first_batch_s": round(t_resume, 2), "rss_growth_stream_mib": round(rss_stream),
-            "load_documents_s": round(t_load, 2),
-            "rss_growth_load_documents_mib": round(_rss_mib() - rss0),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "stream",
+                    "file_mib": round(path.stat().st_size / 2**20, 1),
+                    "docs": len(loaded),
+                    "seq_len": seq_len,
+                    "shards": shards,
+                    "open_s": round(t_open, 2),
+                    "stream_tok_s": round(tok_s),
+                    "resume_first_batch_s": round(t_resume, 2),
+                    "rss_growth_stream_mib": round(rss_stream),
+                    "load_documents_s": round(t_load, 2),
+                    "rss_growth_load_documents_mib": round(_rss_mib() - rss0),
+                }
+            ),
+            flush=True,
+        )
+
+
+def _stage_cmd(stage: int, init: Path, out: Path, tokens: int) -> list[str]:
+    """`llamba distill stageK` from a saved init, quietly: what bench_busy and bench_compare time."""
+    return [
+        sys.executable,
+        "-m",
+        "llamba",
+        "distill",
+        f"stage{stage}",
+        "--init-from",
+        str(init),
+        "--out",
+        str(out),
+        "--tokens",
+        str(tokens),
+        "--no-progress",
+    ]
 
 
 def bench_busy(stage: int = 3, tokens: int = 6144) -> None:
@@ -167,15 +203,19 @@ def bench_busy(stage: int = 3, tokens: int = 6144) -> None:
     StageDir(init).save_weights(build_student(t.model, seed=0), t.tokenizer)
     cores = usable_cores()
     rows = {}
-    for name, busy, threads in (("idle", False, None), ("busy, auto threads", True, None),
-                                (f"busy, --threads {cores}", True, cores)):
+    for name, busy, threads in (
+        ("idle", False, None),
+        ("busy, auto threads", True, None),
+        (f"busy, --threads {cores}", True, cores),
+    ):
         out = root / name.replace(" ", "_").replace(",", "")
-        cmd = [sys.executable, "-m", "llamba", "distill", f"stage{stage}", "--init-from", str(init), "--out",
-               str(out), "--tokens", str(tokens), "--no-progress"] + (["--threads", str(threads)] if threads else [])
+        cmd = _stage_cmd(stage, init, out, tokens) + (["--threads", str(threads)] if threads else [])
         spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         try:
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            subprocess.run(
+                cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+            )
             wall = time.perf_counter() - t0
         finally:
             if spin is not None:
@@ -183,10 +223,109 @@ def bench_busy(stage: int = 3, tokens: int = 6144) -> None:
         done = json.loads((out / f"stage{stage}" / "DONE.json").read_text())
         metrics = [json.loads(x) for x in (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
         rows[name] = done["tok_s"]
-        print(json.dumps({"bench": "busy", "stage": stage, "case": name, "tok_s": done["tok_s"],
-                          "slowdown_vs_idle": round(rows["idle"] / done["tok_s"], 2), "wall_s": round(wall, 1),
-                          "threads_used": sorted({m.get("threads") for m in metrics} - {None}),
-                          "cores": cores}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "busy",
+                    "stage": stage,
+                    "case": name,
+                    "tok_s": done["tok_s"],
+                    "slowdown_vs_idle": round(rows["idle"] / done["tok_s"], 2),
+                    "wall_s": round(wall, 1),
+                    "threads_used": sorted({m.get("threads") for m in metrics} - {None}),
+                    "cores": cores,
+                }
+            ),
+            flush=True,
+        )
+
+
+def _tree_at(ref: str, root: Path) -> Path:
+    """An importable copy of commit `ref`: `git worktree` of it, then a folder whose `llamba/` holds the package with
+    distill/, export/, icrl/, envs/ linked in (the package-dir mapping of pyproject.toml), to put on PYTHONPATH."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    work = root / "worktree"
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(work), ref],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    site = root / "site"
+    shutil.copytree(work / "llamba", site / "llamba")
+    for sub in ("distill", "export", "icrl", "envs"):
+        (site / "llamba" / sub).symlink_to(work / sub)
+    return site
+
+
+def bench_compare(base: str = "HEAD", tokens: int = 4096, rounds: int = 2) -> None:
+    """Stages 2 and 3 of `llamba distill` (same init, the default chat data and settings, 2 cores) with the code of
+    commit `base` and of this working tree, alternated `rounds` times so a drifting load hits both alike. Prints each
+    run's tok/s (DONE.json: optimizer steps included) and the median ratio this/base per stage."""
+    import os
+    import statistics
+    import subprocess
+    import tempfile
+
+    from llamba.distill.init import build_student
+    from llamba.distill.run import StageDir
+
+    t = _teacher()
+    root = Path(tempfile.mkdtemp(prefix="bench_compare_"))
+    init = root / "init"
+    StageDir(init).save_weights(build_student(t.model, seed=0), t.tokenizer)
+    base_site = _tree_at(base, root / "base")
+    repo = Path(__file__).resolve().parents[1]
+    rates: dict[tuple[int, str], list[float]] = {}
+    try:
+        for r in range(rounds):
+            for stage in (2, 3):
+                for name, pythonpath in (("base", str(base_site)), ("this", "")):
+                    out = root / f"{name}_s{stage}_r{r}"
+                    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath}
+                    cmd = _stage_cmd(stage, init, out, tokens)
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=root)
+                    done = json.loads((out / f"stage{stage}" / "DONE.json").read_text())
+                    rates.setdefault((stage, name), []).append(done["tok_s"])
+                    print(
+                        json.dumps(
+                            {
+                                "bench": "compare",
+                                "stage": stage,
+                                "code": name if name == "this" else base,
+                                "round": r,
+                                "tok_s": round(done["tok_s"], 1),
+                            }
+                        ),
+                        flush=True,
+                    )
+    finally:
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "remove", "--force", str(root / "base" / "worktree")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    for stage in (2, 3):
+        b, n = statistics.median(rates[(stage, "base")]), statistics.median(rates[(stage, "this")])
+        print(
+            json.dumps(
+                {
+                    "bench": "compare",
+                    "stage": stage,
+                    "base": base,
+                    "base_tok_s": round(b, 1),
+                    "this_tok_s": round(n, 1),
+                    "speedup": round(n / b, 2),
+                    "tokens": tokens,
+                    "rounds": rounds,
+                    "load_avg_1m": os.getloadavg()[0],
+                }
+            ),
+            flush=True,
+        )
 
 
 def report(run_dirs: list[str]) -> None:
@@ -210,6 +349,8 @@ if __name__ == "__main__":
         bench_throughput()
     elif cmd == "stream":
         bench_stream()
+    elif cmd == "compare":
+        bench_compare(sys.argv[2] if len(sys.argv) > 2 else "HEAD")
     elif cmd == "busy":
         bench_busy()
     elif cmd == "report":

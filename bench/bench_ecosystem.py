@@ -47,16 +47,21 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 4096], help="prompt lengths")
     ap.add_argument("--new", type=int, default=32, help="decoded tokens per measurement")
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell (median)")
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to bench/results/HISTORY.md")
+    ap.add_argument(
+        "--no-append", action="store_true", help="print only, do not append to bench/results/HISTORY.md"
+    )
     args = ap.parse_args()
     load = Path("/proc/loadavg").read_text().split()[:3]
 
     py = sys.executable
-    rows_a = [[name, f"{wall(cmd, args.repeats):.2f}"] for name, cmd in [
-        ("python -c 'import click, rich'", [py, "-c", "import click, rich"]),
-        ("llamba --help", [py, "-m", "llamba", "--help"]),
-        ("llamba generate --help", [py, "-m", "llamba", "generate", "--help"]),
-    ]]
+    rows_a = [
+        [name, f"{wall(cmd, args.repeats):.2f}"]
+        for name, cmd in [
+            ("python -c 'import click, rich'", [py, "-c", "import click, rich"]),
+            ("llamba --help", [py, "-m", "llamba", "--help"]),
+            ("llamba generate --help", [py, "-m", "llamba", "generate", "--help"]),
+        ]
+    ]
 
     import torch
 
@@ -66,27 +71,50 @@ def main() -> None:
 
     torch.set_num_threads(1)  # the machine is shared: one thread avoids OpenMP spin contention
     torch.manual_seed(0)
-    config = LlambaConfig(vocab_size=4096, d_model=256, n_layer=8, intermediate_size=768, d_state=32, n_v_heads=8,
-                          n_qk_heads=8, chunk_size=128)
+    config = LlambaConfig(
+        vocab_size=4096,
+        d_model=256,
+        n_layer=8,
+        intermediate_size=768,
+        d_state=32,
+        n_v_heads=8,
+        n_qk_heads=8,
+        chunk_size=128,
+    )
     model = LlambaForCausalLM(config).eval()
     rows_b = []
     for ctx in args.contexts:
         ids = torch.randint(0, config.vocab_size, (1, ctx))
         hf, ours = [], []
         for _ in range(args.repeats):  # interleaved A/B
-            hf.append(decode_ms(lambda n, ids=ids: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False),
-                                args.new))
-            ours.append(decode_ms(lambda n, ids=ids: generate(model, ids[0], SamplingParams(max_new_tokens=n)), args.new))
+            hf.append(
+                decode_ms(
+                    lambda n, ids=ids: model.generate(
+                        ids, max_new_tokens=n, min_new_tokens=n, do_sample=False
+                    ),
+                    args.new,
+                )
+            )
+            ours.append(
+                decode_ms(
+                    lambda n, ids=ids: generate(model, ids[0], SamplingParams(max_new_tokens=n)), args.new
+                )
+            )
         h, o = statistics.median(hf), statistics.median(ours)
         rows_b.append([ctx, f"{h:.2f}", f"{o:.2f}", f"{h / o:.2f}"])
     base = float(rows_b[0][1])
     for r in rows_b:
         r.append(f"{float(r[1]) / base:.2f}")
 
-    body = (f"Load average at start: {' '.join(load)} (machine shared with other jobs; medians of {args.repeats}).\n\n"
-            "(a) fresh-process wall time, seconds\n\n" + markdown_table(["command", "s"], rows_a) +
-            f"\n\n(b) greedy decode ms/token, random Llamba (d 256, 8 layers, vocab 4096, fp32, 1 torch thread), {args.new} new tokens\n\n" +
-            markdown_table(["context", "model.generate", "llamba.generate", "ratio", "vs first context"], rows_b))
+    body = (
+        f"Load average at start: {' '.join(load)} (machine shared with other jobs; medians of {args.repeats}).\n\n"
+        "(a) fresh-process wall time, seconds\n\n"
+        + markdown_table(["command", "s"], rows_a)
+        + f"\n\n(b) greedy decode ms/token, random Llamba (d 256, 8 layers, vocab 4096, fp32, 1 torch thread), {args.new} new tokens\n\n"
+        + markdown_table(
+            ["context", "model.generate", "llamba.generate", "ratio", "vs first context"], rows_b
+        )
+    )
     print(body)
     if not args.no_append:
         append_section("Ecosystem: CLI start-up and transformers generate (issue 12)", body)

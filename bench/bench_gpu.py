@@ -86,18 +86,48 @@ def bench_scan(dev, shapes, dtypes, warmup, iters):
             ms = {
                 "torch": timed(partial(ssd_chunked, x, a, B, C, q, kernels="torch"), dev, warmup, iters),
                 "cuda": timed(partial(ssd_chunked, x, a, B, C, q, kernels="cuda"), dev, warmup, iters),
-                "mamba-ssm": timed(partial(mamba_chunk_scan_combined, xd, dt.to(dtype), A, B, C, q,
-                                           return_final_states=True), dev, warmup, iters),
+                "mamba-ssm": timed(
+                    partial(
+                        mamba_chunk_scan_combined, xd, dt.to(dtype), A, B, C, q, return_final_states=True
+                    ),
+                    dev,
+                    warmup,
+                    iters,
+                ),
             }
             leaves = [t.detach().requires_grad_() for t in (x, a, B, C)]
             ms_b = {k: timed(partial(fwd_bwd, leaves, q, k), dev, warmup, iters) for k in ("torch", "cuda")}
-            rows.append([str(dtype).removeprefix("torch."), b, l, f"{rel_err(y_c, y_t):.1e}", f"{rel_err(s_c, s_t):.1e}",
-                         f"{ms['torch']:.2f}", f"{ms['cuda']:.2f}", f"{ms['mamba-ssm']:.2f}",
-                         f"{ms['torch'] / ms['cuda']:.1f}x", f"{ms_b['torch']:.2f}", f"{ms_b['cuda']:.2f}",
-                         f"{ms_b['torch'] / ms_b['cuda']:.1f}x"])
+            rows.append(
+                [
+                    str(dtype).removeprefix("torch."),
+                    b,
+                    l,
+                    f"{rel_err(y_c, y_t):.1e}",
+                    f"{rel_err(s_c, s_t):.1e}",
+                    f"{ms['torch']:.2f}",
+                    f"{ms['cuda']:.2f}",
+                    f"{ms['mamba-ssm']:.2f}",
+                    f"{ms['torch'] / ms['cuda']:.1f}x",
+                    f"{ms_b['torch']:.2f}",
+                    f"{ms_b['cuda']:.2f}",
+                    f"{ms_b['torch'] / ms_b['cuda']:.1f}x",
+                ]
+            )
             print(json.dumps({"scan": rows[-1]}), flush=True)
-    header = ["dtype", "b", "l", "y rel err", "state rel err", "torch fwd ms", "cuda fwd ms", "mamba-ssm fwd ms",
-              "fwd speed-up", "torch fwd+bwd ms", "cuda fwd+bwd ms", "fwd+bwd speed-up"]
+    header = [
+        "dtype",
+        "b",
+        "l",
+        "y rel err",
+        "state rel err",
+        "torch fwd ms",
+        "cuda fwd ms",
+        "mamba-ssm fwd ms",
+        "fwd speed-up",
+        "torch fwd+bwd ms",
+        "cuda fwd+bwd ms",
+        "fwd+bwd speed-up",
+    ]
     return markdown_table(header, rows)
 
 
@@ -116,8 +146,16 @@ def bench_step(dev, batches, warmup, iters):
         st = s0.clone()
         ms_t = timed(partial(ssd_step, x, a, B, C, s0, kernels="torch"), dev, warmup, iters)
         ms_c = timed(partial(ssd_step, x, a, B, C, st, kernels="cuda"), dev, warmup, iters)
-        rows.append([b, f"{rel_err(y_c, y_t):.1e}", f"{rel_err(s_c, s_t):.1e}", f"{ms_t * 1e3:.0f}",
-                     f"{ms_c * 1e3:.0f}", f"{ms_t / ms_c:.1f}x"])
+        rows.append(
+            [
+                b,
+                f"{rel_err(y_c, y_t):.1e}",
+                f"{rel_err(s_c, s_t):.1e}",
+                f"{ms_t * 1e3:.0f}",
+                f"{ms_c * 1e3:.0f}",
+                f"{ms_t / ms_c:.1f}x",
+            ]
+        )
         print(json.dumps({"step": rows[-1]}), flush=True)
     return markdown_table(["b", "y rel err (bf16)", "state rel err", "torch us", "cuda us", "speed-up"], rows)
 
@@ -129,22 +167,37 @@ def bench_distill(tokens: int, device: str) -> str:
         common = ["--out", run, "--device", device, "--precision", "bf16", "--no-progress"]
         subprocess.run([*base, "stage1", *common, "--tokens", "4096"], check=True, cwd=ROOT)
         t = time.perf_counter()
-        subprocess.run([*base, "stage3", *common, "--tokens", str(tokens), "--init-from", f"{run}/stage1"],
-                       check=True, cwd=ROOT)
+        subprocess.run(
+            [*base, "stage3", *common, "--tokens", str(tokens), "--init-from", f"{run}/stage1"],
+            check=True,
+            cwd=ROOT,
+        )
         wall = time.perf_counter() - t
         done = json.loads((Path(run) / "stage3" / "DONE.json").read_text())
     keep = {k: done[k] for k in ("tokens", "tok_s", "loss", "final_loss") if k in done}
     print(json.dumps({"distill": keep, "wall_s": round(wall, 1)}), flush=True)
-    return markdown_table(["stage", "precision", "tokens", "tok/s", "wall s (with load)", "summary"],
-                          [["3 (KD, kernels auto)", "bf16", keep.get("tokens", tokens), keep.get("tok_s", "?"),
-                            f"{wall:.0f}", json.dumps(keep)]])
+    return markdown_table(
+        ["stage", "precision", "tokens", "tok/s", "wall s (with load)", "summary"],
+        [
+            [
+                "3 (KD, kernels auto)",
+                "bf16",
+                keep.get("tokens", tokens),
+                keep.get("tok_s", "?"),
+                f"{wall:.0f}",
+                json.dumps(keep),
+            ]
+        ],
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 iteration (checks the script)")
     ap.add_argument("--distill-tokens", type=int, default=131072, help="stage-3 token budget (0 skips it)")
-    ap.add_argument("--no-append", action="store_true", help="print only, do not append to bench/results/HISTORY.md")
+    ap.add_argument(
+        "--no-append", action="store_true", help="print only, do not append to bench/results/HISTORY.md"
+    )
     args = ap.parse_args()
     if torch.cuda.is_available():
         dev = torch.device("cuda")
@@ -160,15 +213,20 @@ def main() -> None:
     else:
         shapes = [(1, 2048), (4, 2048), (1, 8192)]
         dtypes, batches, warmup, iters = [torch.bfloat16, torch.float32], [1, 16], 3, 10
-    parts = [f"Device: {where}. Median of {iters} runs after {warmup} warm-up. "
-             "fp32 tl.dot uses the Triton default (TF32 on NVIDIA) unless TRITON_F32_DEFAULT is set "
-             f"(now: {__import__('os').environ.get('TRITON_F32_DEFAULT', 'unset')}).",
-             "### ssd_chunked: torch vs cuda vs mamba-ssm's mamba_chunk_scan_combined (h = g = 9, p = n = 64)",
-             bench_scan(dev, shapes, dtypes, warmup, iters),
-             "### ssd_step (decode), bf16",
-             bench_step(dev, batches, warmup, iters)]
+    parts = [
+        f"Device: {where}. Median of {iters} runs after {warmup} warm-up. "
+        "fp32 tl.dot uses the Triton default (TF32 on NVIDIA) unless TRITON_F32_DEFAULT is set "
+        f"(now: {__import__('os').environ.get('TRITON_F32_DEFAULT', 'unset')}).",
+        "### ssd_chunked: torch vs cuda vs mamba-ssm's mamba_chunk_scan_combined (h = g = 9, p = n = 64)",
+        bench_scan(dev, shapes, dtypes, warmup, iters),
+        "### ssd_step (decode), bf16",
+        bench_step(dev, batches, warmup, iters),
+    ]
     if args.distill_tokens and dev.type == "cuda":
-        parts += ["### One bf16 distillation stage on the embedded teacher", bench_distill(args.distill_tokens, "cuda")]
+        parts += [
+            "### One bf16 distillation stage on the embedded teacher",
+            bench_distill(args.distill_tokens, "cuda"),
+        ]
     body = "\n\n".join(parts)
     print(body)
     if not args.no_append:

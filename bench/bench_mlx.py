@@ -96,8 +96,14 @@ def exports(work: Path) -> dict[str, dict[str, Path]]:
             convert(student, ours, q_bits=bits, q_group_size=Q_GROUP, dtype=dtype)
         if not (theirs / "config.json").is_file():
             shutil.rmtree(theirs, ignore_errors=True)
-            mlx_lm.convert(str(teacher), str(theirs), quantize=bits is not None, q_bits=bits, q_group_size=Q_GROUP,
-                           dtype=dtype)
+            mlx_lm.convert(
+                str(teacher),
+                str(theirs),
+                quantize=bits is not None,
+                q_bits=bits,
+                q_group_size=Q_GROUP,
+                dtype=dtype,
+            )
         dirs["llamba"][name], dirs["mlx-lm teacher"][name] = ours, theirs
     return dirs
 
@@ -161,7 +167,10 @@ def run(work: Path, contexts: list[int], n_decode: int, n_prefill: int, rounds: 
         for name, path in variants.items():
             model = load(path, tokenizer=False)[0] if family == "llamba" else mlx_lm.load(str(path))[0]
             models[(family, name)] = model
-    rows = {key: {"model": key[0], "variant": key[1], "prefill": prefill(m, n_prefill)} for key, m in models.items()}
+    rows = {
+        key: {"model": key[0], "variant": key[1], "prefill": prefill(m, n_prefill)}
+        for key, m in models.items()
+    }
     for length in contexts:
         caches = {}
         for key, model in models.items():
@@ -180,8 +189,15 @@ def run(work: Path, contexts: list[int], n_decode: int, n_prefill: int, rounds: 
         for key in models:
             tps = statistics.median(speeds[key])
             rows[key][length] = (tps, peaks[key], cache_bytes(caches[key]))
-            print(*key, length, f"{tps:.2f} tok/s", [f"{v:.2f}" for v in speeds[key]],
-                  f"peak {peaks[key] / 2**20:.0f} MiB", f"cache {cache_bytes(caches[key]) / 2**20:.1f} MiB", flush=True)
+            print(
+                *key,
+                length,
+                f"{tps:.2f} tok/s",
+                [f"{v:.2f}" for v in speeds[key]],
+                f"peak {peaks[key] / 2**20:.0f} MiB",
+                f"cache {cache_bytes(caches[key]) / 2**20:.1f} MiB",
+                flush=True,
+            )
         del caches
         mx.clear_cache()
     return list(rows.values())
@@ -190,37 +206,53 @@ def run(work: Path, contexts: list[int], n_decode: int, n_prefill: int, rounds: 
 def markdown(rows: list[dict], contexts: list[int], n_decode: int, n_prefill: int, rounds: int) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = "| model | weights | prefill tok/s | " + " | ".join(f"decode tok/s @{c}" for c in contexts)
-    head += " | " + " | ".join(f"peak MiB @{c}" for c in contexts) + " | cache MiB @" + str(contexts[-1]) + " |"
+    head += (
+        " | " + " | ".join(f"peak MiB @{c}" for c in contexts) + " | cache MiB @" + str(contexts[-1]) + " |"
+    )
     lines = [head, "|" + "---|" * (3 + 2 * len(contexts) + 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['variant']} | {r['prefill']:.1f} | "
-                     + " | ".join(f"{r[c][0]:.2f}" for c in contexts) + " | "
-                     + " | ".join(f"{r[c][1] / 2**20:.0f}" for c in contexts)
-                     + f" | {r[contexts[-1]][2] / 2**20:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['prefill']:.1f} | "
+            + " | ".join(f"{r[c][0]:.2f}" for c in contexts)
+            + " | "
+            + " | ".join(f"{r[c][1] / 2**20:.0f}" for c in contexts)
+            + f" | {r[contexts[-1]][2] / 2**20:.1f} |"
+        )
     ratio = []
     for name in VARIANTS:
         ours = next(r for r in rows if r["model"] == "llamba" and r["variant"] == name)
         theirs = next(r for r in rows if r["model"] != "llamba" and r["variant"] == name)
         ratio.append(f"{name}: " + ", ".join(f"@{c} {ours[c][0] / theirs[c][0]:.2f}x" for c in contexts))
-    machine = (f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, mlx {mx.__version__} (CPU backend), "
-               f"mlx-lm {importlib.metadata.version('mlx-lm')}, load average {os.getloadavg()[0]:.1f} while running")
-    return "\n".join([
-        "", "## MLX on-device", "",
-        f"{when}. `python bench/bench_mlx.py` on {machine}.", "",
-        "- Llamba: a random-init student at SmolLM2-135M's shape (30 layers, d 576, 9 heads, d_state 64, vocab "
-        "49152, tied) exported by `llamba export mlx`; speed does not depend on the weights' values. "
-        "Teacher: the embedded SmolLM2-135M-Instruct dequantized to fp32, saved as a Llama directory, converted by "
-        "`mlx_lm.convert` and run by mlx-lm. q8/q4: affine, group 64, with fp32 scales and activations.",
-        f"- Decode: greedy, batch 1, {n_decode} timed tokens after one warm-up step; the eight models take turns "
-        f"{rounds} times per context and the median is reported (other jobs share this machine). "
-        "Context L = the cache an L-token prefill leaves, filled with random values (prefilling 8k tokens for real is too slow here); "
-        "our state is the same size for every L, the teacher's KV cache holds L keys/values per layer. "
-        f"Prefill: one {n_prefill}-token prompt, real. Peak = weights + cache + the decode step's temporaries "
-        "(`mx.get_peak_memory()` above the active memory before decoding).", "",
-        *lines, "",
-        "Llamba decode speed relative to mlx-lm: " + "; ".join(ratio) + ".", "",
-        NOTES, "",
-    ])
+    machine = (
+        f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, mlx {mx.__version__} (CPU backend), "
+        f"mlx-lm {importlib.metadata.version('mlx-lm')}, load average {os.getloadavg()[0]:.1f} while running"
+    )
+    return "\n".join(
+        [
+            "",
+            "## MLX on-device",
+            "",
+            f"{when}. `python bench/bench_mlx.py` on {machine}.",
+            "",
+            "- Llamba: a random-init student at SmolLM2-135M's shape (30 layers, d 576, 9 heads, d_state 64, vocab "
+            "49152, tied) exported by `llamba export mlx`; speed does not depend on the weights' values. "
+            "Teacher: the embedded SmolLM2-135M-Instruct dequantized to fp32, saved as a Llama directory, converted by "
+            "`mlx_lm.convert` and run by mlx-lm. q8/q4: affine, group 64, with fp32 scales and activations.",
+            f"- Decode: greedy, batch 1, {n_decode} timed tokens after one warm-up step; the eight models take turns "
+            f"{rounds} times per context and the median is reported (other jobs share this machine). "
+            "Context L = the cache an L-token prefill leaves, filled with random values (prefilling 8k tokens for real is too slow here); "
+            "our state is the same size for every L, the teacher's KV cache holds L keys/values per layer. "
+            f"Prefill: one {n_prefill}-token prompt, real. Peak = weights + cache + the decode step's temporaries "
+            "(`mx.get_peak_memory()` above the active memory before decoding).",
+            "",
+            *lines,
+            "",
+            "Llamba decode speed relative to mlx-lm: " + "; ".join(ratio) + ".",
+            "",
+            NOTES,
+            "",
+        ]
+    )
 
 
 def main() -> None:

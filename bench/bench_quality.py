@@ -41,47 +41,102 @@ RESULTS = ROOT / "bench" / "results" / "quality_chat.jsonl"
 # Variants compose: `--variant demo-lr+split-s2` merges both (later ones win, stage by stage).
 VARIANTS: dict[str, tuple[str, str, dict]] = {
     "default": ("ladder", "the defaults of `llamba distill all`", {}),
-    "paper-lr": ("lr", "reference LRs 1e-4 / 1e-4 / 5e-5 (the old default)",
-                 {"stage_overrides": {1: {"lr": 1e-4}, 2: {"lr": 1e-4}, 3: {"lr": 5e-5}}}),
-    "demo-lr": ("lr", "the old demo's LRs 1e-3 / 1e-3 / 3e-4",
-                {"stage_overrides": {1: {"lr": 1e-3}, 2: {"lr": 1e-3}, 3: {"lr": 3e-4}}}),
+    "paper-lr": (
+        "lr",
+        "reference LRs 1e-4 / 1e-4 / 5e-5 (the old default)",
+        {"stage_overrides": {1: {"lr": 1e-4}, 2: {"lr": 1e-4}, 3: {"lr": 5e-5}}},
+    ),
+    "demo-lr": (
+        "lr",
+        "the old demo's LRs 1e-3 / 1e-3 / 3e-4",
+        {"stage_overrides": {1: {"lr": 1e-3}, 2: {"lr": 1e-3}, 3: {"lr": 3e-4}}},
+    ),
     "lr2-3e-3": ("lr", "stage-2 LR 3e-3", {"stage_overrides": {2: {"lr": 3e-3}}}),
     "lr2-5e-4": ("lr", "stage-2 LR 5e-4", {"stage_overrides": {2: {"lr": 5e-4}}}),
     "lr3-1.5e-4": ("lr", "stage-3 LR 1.5e-4", {"stage_overrides": {3: {"lr": 1.5e-4}}}),
-    "lr3-3e-4": ("lr", "stage-3 LR 3e-4 (the default before lr3-1.5e-4 won)", {"stage_overrides": {3: {"lr": 3e-4}}}),
+    "lr3-3e-4": (
+        "lr",
+        "stage-3 LR 3e-4 (the default before lr3-1.5e-4 won)",
+        {"stage_overrides": {3: {"lr": 3e-4}}},
+    ),
     "lr3-1e-3": ("lr", "stage-3 LR 1e-3", {"stage_overrides": {3: {"lr": 1e-3}}}),
     "lr3-1e-4": ("lr", "stage-3 LR 1e-4", {"stage_overrides": {3: {"lr": 1e-4}}}),
     "split-old": ("split", "old split 3.75 / 33.75 / 62.5 %", {"split": {1: 0.0375, 2: 0.3375, 3: 0.625}}),
     "split-s3": ("split", "split 2 / 18 / 80 % (stage 3 heavy)", {"split": {1: 0.02, 2: 0.18, 3: 0.8}}),
-    "split-s2-64": ("split", "split 2 / 64 / 34 % (stage 2 heavier still)", {"split": {1: 0.02, 2: 0.64, 3: 0.34}}),
+    "split-s2-64": (
+        "split",
+        "split 2 / 64 / 34 % (stage 2 heavier still)",
+        {"split": {1: 0.02, 2: 0.64, 3: 0.34}},
+    ),
     "split-s2": ("split", "split 2 / 48 / 50 % (stage 2 heavy)", {"split": {1: 0.02, 2: 0.48, 3: 0.5}}),
-    "no-cache": ("cache", "stage 2 one pass, teacher run on every batch (epochs 1)",
-                 {"stage_overrides": {2: {"epochs": 1}}}),
-    "cache-4": ("cache", "stage 2: 4 epochs over a quarter of its tokens, teacher states cached (bf16)",
-                {"stage_overrides": {2: {"epochs": 4}}}),
-    "seq128": ("batch", "stages 2-3 at sequence length 128 (eval stays at 256)",
-               {"stage_overrides": {2: {"seq_len": 128}, 3: {"seq_len": 128}}}),
-    "b2s128": ("batch", "stages 2-3: micro-batch 2 x 128 tokens (4x the steps per token)",
-               {"stage_overrides": {2: {"seq_len": 128, "batch_size": 2}, 3: {"seq_len": 128, "batch_size": 2}}}),
-    "s3-b1": ("batch", "stage 3: micro-batch 1 x 128 (2x its optimizer steps)",
-              {"stage_overrides": {3: {"batch_size": 1}}}),
-    "b1s256": ("batch", "stages 2-3: micro-batch 1 x 256 tokens (4x the steps per token)",
-               {"stage_overrides": {2: {"batch_size": 1}, 3: {"batch_size": 1}}}),
+    "no-cache": (
+        "cache",
+        "stage 2 one pass, teacher run on every batch (epochs 1)",
+        {"stage_overrides": {2: {"epochs": 1}}},
+    ),
+    "cache-4": (
+        "cache",
+        "stage 2: 4 epochs over a quarter of its tokens, teacher states cached (bf16)",
+        {"stage_overrides": {2: {"epochs": 4}}},
+    ),
+    "seq128": (
+        "batch",
+        "stages 2-3 at sequence length 128 (eval stays at 256)",
+        {"stage_overrides": {2: {"seq_len": 128}, 3: {"seq_len": 128}}},
+    ),
+    "b2s128": (
+        "batch",
+        "stages 2-3: micro-batch 2 x 128 tokens (4x the steps per token)",
+        {"stage_overrides": {2: {"seq_len": 128, "batch_size": 2}, 3: {"seq_len": 128, "batch_size": 2}}},
+    ),
+    "s3-b1": (
+        "batch",
+        "stage 3: micro-batch 1 x 128 (2x its optimizer steps)",
+        {"stage_overrides": {3: {"batch_size": 1}}},
+    ),
+    "b1s256": (
+        "batch",
+        "stages 2-3: micro-batch 1 x 256 tokens (4x the steps per token)",
+        {"stage_overrides": {2: {"batch_size": 1}, 3: {"batch_size": 1}}},
+    ),
     "bf16": ("precision", "bf16 autocast for the student on every stage", {"precision": "bf16"}),
-    "gpu": ("gpu", "stages 2-3: micro-batch 16 x 256 (a GPU wants bigger batches)",
-            {"stage_overrides": {2: {"seq_len": 256, "batch_size": 16}, 3: {"seq_len": 256, "batch_size": 16}}}),
+    "gpu": (
+        "gpu",
+        "stages 2-3: micro-batch 16 x 256 (a GPU wants bigger batches)",
+        {"stage_overrides": {2: {"seq_len": 256, "batch_size": 16}, 3: {"seq_len": 256, "batch_size": 16}}},
+    ),
     "hard-0.5": ("kd", "stage 3 + 0.5 x hard-label CE", {"stage_overrides": {3: {"hard_weight": 0.5}}}),
     "temp-2": ("kd", "stage 3 temperature 2", {"stage_overrides": {3: {"temperature": 2.0}}}),
-    "teacher-bf16": ("precision", "stage 3: the teacher's forward under bf16 autocast too (now the default)",
-                     {"stage_overrides": {3: {"teacher_bf16": True}}}),
-    "grouped-bc": ("arch", "B/C heads grouped to the teacher's 3 KV heads (--qk-heads 3; issue 15's speed lever)",
-                   {"qk_heads": 3}),
-    "kd-all": ("kd", "stage 3 KD on every token (the default before assistant-token KD)",
-               {"stage_overrides": {3: {"kd_tokens": "all"}}}),
-    "python-docs": ("data", "the CPython language reference as data (the default before chat data)",
-                    {"data": "python-docs"}),
-    "teacher-fp32": ("precision", "stage 3: the teacher's forward in fp32 (the default before teacher-bf16)",
-                     {"stage_overrides": {3: {"teacher_bf16": False}}}),
+    "teacher-bf16": (
+        "precision",
+        "stage 3: the teacher's forward under bf16 autocast too (now the default)",
+        {"stage_overrides": {3: {"teacher_bf16": True}}},
+    ),
+    "grouped-bc": (
+        "arch",
+        "B/C heads grouped to the teacher's 3 KV heads (--qk-heads 3; issue 15's speed lever)",
+        {"qk_heads": 3},
+    ),
+    "kd-all": (
+        "kd",
+        "stage 3 KD on every token (the default before assistant-token KD)",
+        {"stage_overrides": {3: {"kd_tokens": "all"}}},
+    ),
+    "init-slow": (
+        "init",
+        "--init llamba-slow: an A_log bias per head, the decay starting at exp(-dt), dt log-uniform in [0.001, 0.1]",
+        {"init": "llamba-slow"},
+    ),
+    "python-docs": (
+        "data",
+        "the CPython language reference as data (the default before chat data)",
+        {"data": "python-docs"},
+    ),
+    "teacher-fp32": (
+        "precision",
+        "stage 3: the teacher's forward in fp32 (the default before teacher-bf16)",
+        {"stage_overrides": {3: {"teacher_bf16": False}}},
+    ),
 }
 
 
@@ -146,18 +201,35 @@ def clean_heldout(train: torch.Tensor, held: torch.Tensor, window: int = 32) -> 
     return held[keep]
 
 
-CHAT_KEYS = ("fact_retained", "teacher_facts_right", "student_facts_right", "chat_ppl_ratio", "prose_ppl_ratio",
-             "eos_rate", "empty_answers")
+CHAT_KEYS = (
+    "fact_retained",
+    "teacher_facts_right",
+    "student_facts_right",
+    "chat_ppl_ratio",
+    "prose_ppl_ratio",
+    "eos_rate",
+    "empty_answers",
+)
 
 
-def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads: int, eval_tokens: int,
-              results: Path, keep: bool) -> None:
+def run_rungs(
+    variant: str,
+    budgets: list[int],
+    seed: int,
+    device: str,
+    threads: int,
+    eval_tokens: int,
+    results: Path,
+    keep: bool,
+) -> None:
     from llamba.checkpoints import load_model
+    from llamba.distill.cli import quiet_hf
     from llamba.distill.data import build_token_data, load_documents
     from llamba.distill.evaluate import evaluate_tokens
     from llamba.distill.run import distill_all, get_teacher, resolve_device
 
     torch.set_num_threads(threads)
+    quiet_hf()  # no transformers progress bars between the JSON rows
     lever, what, kwargs = variant_kwargs(variant)
     dev = resolve_device(device)
     teacher = get_teacher("default", dev)
@@ -165,35 +237,82 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
     td = build_token_data(docs, teacher.tokenizer, 256)
     overlap = overlap_fraction(td.train, td.heldout[: max(1, eval_tokens // 256)])
     clean = clean_heldout(td.train, td.heldout)[: max(1, eval_tokens // 256)]
-    print(f"{overlap:.1%} of the held-out 32-token windows occur in the training rows; the clean evaluation uses "
-          f"{clean.shape[0]} held-out rows without any ({overlap_fraction(td.train, clean):.1%})", flush=True)
+    print(
+        f"{overlap:.1%} of the held-out 32-token windows occur in the training rows; the clean evaluation uses "
+        f"{clean.shape[0]} held-out rows without any ({overlap_fraction(td.train, clean):.1%})",
+        flush=True,
+    )
     results.parent.mkdir(parents=True, exist_ok=True)
     for tokens in budgets:
-        out = ROOT / "runs" / "bench_quality" / f"{variant}__{tokens}__s{seed}"  # run dirs stay out of the repo
+        out = (
+            ROOT / "runs" / "bench_quality" / f"{variant}__{tokens}__s{seed}"
+        )  # run dirs stay out of the repo
         shutil.rmtree(out, ignore_errors=True)
         load0 = os.getloadavg()[0]
         c0, w0 = cpu_seconds(), time.perf_counter()
-        res = distill_all(teacher=teacher, out=out, tokens=tokens, device=str(dev), progress=False, seed=seed,
-                          eval_tokens=eval_tokens, ckpt_every_s=1e9, **kwargs)
+        res = distill_all(
+            teacher=teacher,
+            out=out,
+            tokens=tokens,
+            device=str(dev),
+            progress=False,
+            seed=seed,
+            eval_tokens=eval_tokens,
+            ckpt_every_s=1e9,
+            **kwargs,
+        )
         cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
         ev = res["eval"]
         student = load_model(out / "stage3")
         ev_clean = evaluate_tokens(student, teacher.model, clean.to(dev), per_layer=False)
         row = {
-            "variant": variant, "lever": lever, "what": what, "tokens": tokens,
+            "variant": variant,
+            "lever": lever,
+            "what": what,
+            "tokens": tokens,
             "stage_tokens": {k: s["tokens"] for k, s in res["stages"].items()},
-            "specs": {k: {f: spec[f] for f in ("lr", "seq_len", "batch_size", "epochs", "precision", "temperature",
-                                                "hard_weight", "warmup", "decay", "teacher_bf16")}
-                      for k in (1, 2, 3)
-                      for spec in [json.loads((out / f"stage{k}" / "spec.json").read_text())]},
-            "qk_heads": student.config.n_qk_heads, "params": sum(p.numel() for p in student.parameters()),
-            "seed": seed, "threads": threads, "device": str(dev),
-            "ppl_ratio": ev["ppl_ratio"], "student_ppl": ev["student_ppl"], "teacher_ppl": ev["teacher_ppl"],
-            "init_ppl_ratio": res["init"]["ppl_ratio"], "kl": ev["kl"], "top1": ev["top1_agreement"],
-            "layer_err": sum(ev["layer_rel_err"]) / len(ev["layer_rel_err"]), "eval_tokens": ev["tokens"],
-            "heldout_overlap": overlap, "clean_ppl_ratio": ev_clean["ppl_ratio"], "clean_kl": ev_clean["kl"],
-            "clean_top1": ev_clean["top1_agreement"], "clean_tokens": ev_clean["tokens"], "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "load_start": load0, "load_end": os.getloadavg()[0], **cpu_description(),
+            "specs": {
+                k: {
+                    f: spec[f]
+                    for f in (
+                        "lr",
+                        "seq_len",
+                        "batch_size",
+                        "epochs",
+                        "precision",
+                        "temperature",
+                        "hard_weight",
+                        "warmup",
+                        "decay",
+                        "teacher_bf16",
+                    )
+                }
+                for k in (1, 2, 3)
+                for spec in [json.loads((out / f"stage{k}" / "spec.json").read_text())]
+            },
+            "qk_heads": student.config.n_qk_heads,
+            "params": sum(p.numel() for p in student.parameters()),
+            "seed": seed,
+            "threads": threads,
+            "device": str(dev),
+            "ppl_ratio": ev["ppl_ratio"],
+            "student_ppl": ev["student_ppl"],
+            "teacher_ppl": ev["teacher_ppl"],
+            "init_ppl_ratio": res["init"]["ppl_ratio"],
+            "kl": ev["kl"],
+            "top1": ev["top1_agreement"],
+            "layer_err": sum(ev["layer_rel_err"]) / len(ev["layer_rel_err"]),
+            "eval_tokens": ev["tokens"],
+            "heldout_overlap": overlap,
+            "clean_ppl_ratio": ev_clean["ppl_ratio"],
+            "clean_kl": ev_clean["kl"],
+            "clean_top1": ev_clean["top1_agreement"],
+            "clean_tokens": ev_clean["tokens"],
+            "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
+            "load_start": load0,
+            "load_end": os.getloadavg()[0],
+            **cpu_description(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "data": kwargs.get("data") or "chat",
             **{k: ev["chat"][k] for k in CHAT_KEYS if k in ev.get("chat", {})},
@@ -207,64 +326,111 @@ def run_rungs(variant: str, budgets: list[int], seed: int, device: str, threads:
 
 def report(results: Path, append: bool, plot: Path | None, notes: Path | None = None) -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    header = ["variant", "what", "tokens (s1/s2/s3)", "seed", "facts kept", "chat ratio", "prose ratio", "ends",
-              "ppl ratio", "clean ratio", "KL", "top-1", "layer err", "CPU min", "wall min", "load"]
+    header = [
+        "variant",
+        "what",
+        "tokens (s1/s2/s3)",
+        "seed",
+        "facts kept",
+        "chat ratio",
+        "prose ratio",
+        "ends",
+        "ppl ratio",
+        "clean ratio",
+        "KL",
+        "top-1",
+        "layer err",
+        "CPU min",
+        "wall min",
+        "load",
+    ]
 
     def chat_cells(r: dict) -> list[str]:
         if "fact_retained" not in r:
             return ["-"] * 4
-        return [f"{r['fact_retained']:.0%}", f"{r['chat_ppl_ratio']:.2f}", f"{r['prose_ppl_ratio']:.2f}",
-                f"{r['eos_rate']:.0%}"]
+        return [
+            f"{r['fact_retained']:.0%}",
+            f"{r['chat_ppl_ratio']:.2f}",
+            f"{r['prose_ppl_ratio']:.2f}",
+            f"{r['eos_rate']:.0%}",
+        ]
 
     def fmt(group: list[dict]) -> list[list]:
-        return [[r["variant"], r["what"],
-                  f"{r['tokens']:,} ({'/'.join(str(r['stage_tokens'][k]) for k in ('1', '2', '3'))})",
-                  r["seed"], *chat_cells(r), f"{r['ppl_ratio']:.2f}",
-                  f"{r['clean_ppl_ratio']:.2f}" if "clean_ppl_ratio" in r else "-", f"{r['kl']:.3f}", f"{r['top1']:.1%}", f"{r['layer_err']:.3f}",
-                  f"{r['cpu_s'] / 60:.1f}", f"{r['wall_s'] / 60:.1f}", f"{r['load_start']:.1f}-{r['load_end']:.1f}"]
-                for r in group]
+        return [
+            [
+                r["variant"],
+                r["what"],
+                f"{r['tokens']:,} ({'/'.join(str(r['stage_tokens'][k]) for k in ('1', '2', '3'))})",
+                r["seed"],
+                *chat_cells(r),
+                f"{r['ppl_ratio']:.2f}",
+                f"{r['clean_ppl_ratio']:.2f}" if "clean_ppl_ratio" in r else "-",
+                f"{r['kl']:.3f}",
+                f"{r['top1']:.1%}",
+                f"{r['layer_err']:.3f}",
+                f"{r['cpu_s'] / 60:.1f}",
+                f"{r['wall_s'] / 60:.1f}",
+                f"{r['load_start']:.1f}-{r['load_end']:.1f}",
+            ]
+            for r in group
+        ]
 
     # A variant "a+b" is the lever b added to "a": its table holds the rows of both (same seed), so each lever is
     # read against the run it changes. A plain variant run at a budget the `default` ladder also has joins one
     # table of single levers against that default row; the default rows form the ladder (budgets of one recipe).
     body, names = [], list(dict.fromkeys(r["variant"] for r in rows))
     default_at = {r["tokens"]: r for r in rows if r["variant"] == "default"}
-    singles = [r for r in rows if "+" not in r["variant"] and r.get("lever") != "ladder" and r["tokens"] in default_at]
+    singles = [
+        r
+        for r in rows
+        if "+" not in r["variant"] and r.get("lever") != "ladder" and r["tokens"] in default_at
+    ]
     for tokens in sorted({r["tokens"] for r in singles}):
         group = [dict(default_at[tokens], what="baseline")] + [
-            dict(r, what=r["what"]) for r in singles if r["tokens"] == tokens]
-        body.append(f"### Single levers on the defaults at {tokens:,} tokens\n\n" + markdown_table(header, fmt(group)))
+            dict(r, what=r["what"]) for r in singles if r["tokens"] == tokens
+        ]
+        body.append(
+            f"### Single levers on the defaults at {tokens:,} tokens\n\n" + markdown_table(header, fmt(group))
+        )
     for variant in names:
         if variant in {r["variant"] for r in singles}:
             continue
         parts = variant.split("+")
-        base = next(("+".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if "+".join(parts[:k]) in names),
-                    None)
+        base = next(
+            ("+".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if "+".join(parts[:k]) in names), None
+        )
         group = [dict(r) for r in rows if r["variant"] in (base, variant)]
         group.sort(key=lambda r: (r["variant"] != base, r["tokens"]))
         if base is None:
             title = f"`{variant}` ({group[0]['what']}) at {len(group)} budget(s)"
         else:
-            added = parts[len(base.split("+")):]
-            title = f"lever `{'+'.join(added)}` ({'; '.join(VARIANTS[a][1] for a in added)}) added to `{base}`"
+            added = parts[len(base.split("+")) :]
+            title = (
+                f"lever `{'+'.join(added)}` ({'; '.join(VARIANTS[a][1] for a in added)}) added to `{base}`"
+            )
         for r in group:
             r["what"] = "baseline" if r["variant"] == base else "with the lever" if base else "-"
         body.append(f"### {title}\n\n" + markdown_table(header, fmt(group)))
     r0 = rows[0]
     peak = max(max(r["load_start"], r["load_end"]) for r in rows)
-    busy = ("shared with other jobs" if peak > r0["cores"] + 0.5 else
-            f"no other job beside the runs (peak load {peak:.1f} on {r0['cores']} cores, one rung at a time)")
-    intro = (f"CPU {r0['cpu']} ({r0['cores']} cores, bf16 flags: {', '.join(r0['bf16_flags']) or 'none'}), {busy} "
-             f"(load = 1-min load average at start-end of each rung). Teacher: embedded "
-             f"SmolLM2-135M-Instruct (held-out ppl {r0['teacher_ppl']:.2f}); data: {r0.get('data', 'python-docs')}; chat "
-             f"columns from the chat report (distill/chat_eval.py: prompts never trained on; facts kept = share of "
-             f"the teacher's right factual answers the student also gives; ends = answers that end within 256 "
-             f"tokens); the perplexity ratio on "
-             f"{r0['eval_tokens']:,} held-out tokens of the training data (fixed 10% document split; {r0['heldout_overlap']:.1%} of their "
-             f"32-token windows occur in the training rows: the corpus repeats passages across topics), and "
-             f"(`clean ratio`, KL and top-1 then also on these rows) on {r0.get('clean_tokens', 2048):,} held-out "
-             f"tokens of rows that share no 32-token window with the training rows. CPU = user+system seconds of the process (all threads, "
-             f"teacher loading excluded), {r0['threads']} torch thread(s). Script: `bench/bench_quality.py`.")
+    busy = (
+        "shared with other jobs"
+        if peak > r0["cores"] + 0.5
+        else f"no other job beside the runs (peak load {peak:.1f} on {r0['cores']} cores, one rung at a time)"
+    )
+    intro = (
+        f"CPU {r0['cpu']} ({r0['cores']} cores, bf16 flags: {', '.join(r0['bf16_flags']) or 'none'}), {busy} "
+        f"(load = 1-min load average at start-end of each rung). Teacher: embedded "
+        f"SmolLM2-135M-Instruct (held-out ppl {r0['teacher_ppl']:.2f}); data: {r0.get('data', 'python-docs')}; chat "
+        f"columns from the chat report (distill/chat_eval.py: prompts never trained on; facts kept = share of "
+        f"the teacher's right factual answers the student also gives; ends = answers that end within 256 "
+        f"tokens); the perplexity ratio on "
+        f"{r0['eval_tokens']:,} held-out tokens of the training data (fixed 10% document split; {r0['heldout_overlap']:.1%} of their "
+        f"32-token windows occur in the training rows: the corpus repeats passages across topics), and "
+        f"(`clean ratio`, KL and top-1 then also on these rows) on {r0.get('clean_tokens', 2048):,} held-out "
+        f"tokens of rows that share no 32-token window with the training rows. CPU = user+system seconds of the process (all threads, "
+        f"teacher loading excluded), {r0['threads']} torch thread(s). Script: `bench/bench_quality.py`."
+    )
     text = intro + "\n\n" + "\n\n".join(body)
     if notes is not None:
         text += "\n\n" + notes.read_text().strip()
@@ -288,7 +454,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=variant, ms=4)
     levers = [(r["cpu_s"] / 60, r["ppl_ratio"]) for r in rows if r.get("lever") != "ladder"]
     if levers:  # ablation rows: points
-        ax.plot([p[0] for p in levers], [p[1] for p in levers], "x", color="gray", ms=5, label="single levers")
+        ax.plot(
+            [p[0] for p in levers], [p[1] for p in levers], "x", color="gray", ms=5, label="single levers"
+        )
     ax.axhline(3.0, color="gray", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -310,7 +478,9 @@ def main() -> None:
     r.add_argument("--tokens", default="24000", help="comma-separated total token budgets (the ladder)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")
-    r.add_argument("--threads", type=int, default=1, help="torch threads (1: least CPU time on a shared machine)")
+    r.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: least CPU time on a shared machine)"
+    )
     r.add_argument("--eval-tokens", type=int, default=2048)
     r.add_argument("--results", type=Path, default=RESULTS)
     r.add_argument("--keep", action="store_true", help="keep the run directories")
@@ -322,8 +492,16 @@ def main() -> None:
     sub.add_parser("variants", help="list the variants")
     a = ap.parse_args()
     if a.cmd == "run":
-        run_rungs(a.variant, [int(x) for x in a.tokens.split(",")], a.seed, a.device, a.threads, a.eval_tokens,
-                  a.results, a.keep)
+        run_rungs(
+            a.variant,
+            [int(x) for x in a.tokens.split(",")],
+            a.seed,
+            a.device,
+            a.threads,
+            a.eval_tokens,
+            a.results,
+            a.keep,
+        )
     elif a.cmd == "report":
         report(a.results, a.append, a.plot.resolve() if a.plot else None, a.notes)
     else:

@@ -27,8 +27,12 @@ def machine() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip() or "uncommitted"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip()
+            or "uncommitted"
+        )
     except OSError:
         return "unknown"
 
@@ -39,7 +43,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-HISTORY = ROOT / "bench" / "results" / "HISTORY.md"  # the dated log; BENCHMARKS.md holds the current figure per area
+HISTORY = (
+    ROOT / "bench" / "results" / "HISTORY.md"
+)  # the dated log; BENCHMARKS.md holds the current figure per area
 
 
 def append_history(text: str) -> Path:
@@ -47,8 +53,10 @@ def append_history(text: str) -> Path:
     then folded into BENCHMARKS.md's table by hand."""
     HISTORY.parent.mkdir(parents=True, exist_ok=True)
     if not HISTORY.exists():
-        HISTORY.write_text("# Benchmark history\n\nAppended by the scripts under `bench/`; each entry names its machine "
-                           "and date. Current figures: BENCHMARKS.md.\n")
+        HISTORY.write_text(
+            "# Benchmark history\n\nAppended by the scripts under `bench/`; each entry names its machine "
+            "and date. Current figures: BENCHMARKS.md.\n"
+        )
     with HISTORY.open("a") as f:
         f.write(text)
     print(f"appended to {HISTORY}; fold its figures into BENCHMARKS.md")

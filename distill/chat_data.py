@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from llamba.distill.data import DataError
 from llamba.distill.teacher import cache_root
+from llamba.errors import DataError
 from llamba.generate import SamplingParams, process_logits
 
 CHAT_FORMAT = 1  # bump when the record layout or the prompt sets change what a key means
@@ -48,14 +48,18 @@ class ChatSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 256  # the chat report's limit too: kept answers end within it
-    prompt_set: str = "train"  # "train" (distill/chat_prompts.train_conversations), "open-eval" or "fact-eval"
+    prompt_set: str = (
+        "train"  # "train" (distill/chat_prompts.train_conversations), "open-eval" or "fact-eval"
+    )
 
     def key(self, fingerprint: str) -> str:
         """Hash of the teacher, the sampling settings and the prompts (the first 64 conversations' user turns), not
         of n: a longer corpus extends a shorter one."""
         prompts = user_turns(ChatSettings(**{**asdict(self), "n": 64}))
-        spec = json.dumps({**asdict(self), "n": None, "format": CHAT_FORMAT, "teacher": fingerprint,
-                           "prompts": prompts}, sort_keys=True)
+        spec = json.dumps(
+            {**asdict(self), "n": None, "format": CHAT_FORMAT, "teacher": fingerprint, "prompts": prompts},
+            sort_keys=True,
+        )
         return hashlib.sha1(spec.encode()).hexdigest()[:12]
 
 
@@ -67,12 +71,27 @@ def teacher_fingerprint(model) -> str:
     """A short hash of the teacher's architecture and weights (rounded to bf16, so the fp32 and the bf16 copy of
     one teacher agree; the embedding, the first and the last layer: enough to tell two checkpoints apart)."""
     cfg = model.config.to_dict()
-    arch = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                    "num_key_value_heads", "intermediate_size", "vocab_size", "rope_theta")}
+    arch = {
+        k: cfg.get(k)
+        for k in (
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "rope_theta",
+        )
+    }
     h = hashlib.sha1(json.dumps(arch, sort_keys=True).encode())
     layers = model.model.layers
-    for t in (model.model.embed_tokens.weight, layers[0].self_attn.q_proj.weight, layers[-1].mlp.down_proj.weight,
-              model.model.norm.weight):
+    for t in (
+        model.model.embed_tokens.weight,
+        layers[0].self_attn.q_proj.weight,
+        layers[-1].mlp.down_proj.weight,
+        model.model.norm.weight,
+    ):
         h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -147,8 +166,15 @@ def assistant_mask(ids: torch.Tensor, markers: ChatMarkers | None) -> torch.Tens
 # The sampler
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_answers(model, prompts: list[list[int]], seeds: list[int], params: SamplingParams, eos_ids: tuple[int, ...],
-                   pad_id: int, batch_size: int = 16) -> list[tuple[list[int], bool]]:
+def sample_answers(
+    model,
+    prompts: list[list[int]],
+    seeds: list[int],
+    params: SamplingParams,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    batch_size: int = 16,
+) -> list[tuple[list[int], bool]]:
     """prompts: token ids per row; seeds: one per row -> per row (answer ids, ended with an EOS id). The EOS is not
     included in the ids. Rows are batched by length (left padding, position ids from the mask); each row draws
     from its own generator, so a row's answer does not depend on its batch (up to float rounding)."""
@@ -157,8 +183,9 @@ def sample_answers(model, prompts: list[list[int]], seeds: list[int], params: Sa
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        rows = _sample_batch(model, [prompts[i] for i in idx], [seeds[i] for i in idx], params, eos_ids, pad_id,
-                             device)
+        rows = _sample_batch(
+            model, [prompts[i] for i in idx], [seeds[i] for i in idx], params, eos_ids, pad_id, device
+        )
         for i, row in zip(idx, rows, strict=True):
             out[i] = row
     return out  # type: ignore[return-value]
@@ -170,8 +197,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -197,8 +224,10 @@ def _sample_batch(model, prompts, seeds, params: SamplingParams, eos_ids, pad_id
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                   use_cache=True).logits[:, -1]
+    # only the last position is read (the whole (b, l, vocab) logits: 1.6 GB per row at 8k tokens)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]
     answers: list[list[int]] = [[] for _ in range(b)]
     ended = [False] * b
     live = list(range(b))  # original row of each batch row
@@ -221,8 +250,9 @@ def _sample_batch(model, prompts, seeds, params: SamplingParams, eos_ids, pad_id
             live, tokens = [live[j] for j in keep], [tokens[j] for j in keep]
         step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(input_ids=step, attention_mask=mask, position_ids=next_pos, cache=cache,
-                       use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=step, attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True
+        ).logits[:, -1]
         next_pos = next_pos + 1
     return [(a, e) for a, e in zip(answers, ended, strict=True)]
 
@@ -246,15 +276,17 @@ def user_turns(settings: ChatSettings) -> list[list[str]]:
     raise ChatDataError(f"unknown prompt set {settings.prompt_set!r} (train, open-eval, fact-eval)")
 
 
-def generate_records(model, tokenizer, settings: ChatSettings, first: int, last: int,
-                     batch_size: int = 16) -> list[dict]:
+def generate_records(
+    model, tokenizer, settings: ChatSettings, first: int, last: int, batch_size: int = 16
+) -> list[dict]:
     """Conversations first..last-1 of the prompt set, every turn answered by the teacher. A conversation whose
     answer hit max_new_tokens stops at that turn (its record says `ended: false`)."""
     from llamba.generate import chat_stop_ids
 
     turns = user_turns(settings)[first:last]
-    params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                            max_new_tokens=settings.max_new_tokens)
+    params = SamplingParams(
+        temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens
+    )
     eos = chat_stop_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     convs: list[list[dict]] = [[] for _ in turns]
@@ -264,12 +296,24 @@ def generate_records(model, tokenizer, settings: ChatSettings, first: int, last:
         live = [i for i, t in enumerate(turns) if turn < len(t) and ended[i]]
         for i in live:
             convs[i].append({"role": "user", "content": turns[i][turn]})
-        rows = sample_answers(model, [prompt_ids(tokenizer, convs[i]) for i in live],
-                              [row_seed(settings.seed, first + i, turn) for i in live], params, eos, pad, batch_size)
+        rows = sample_answers(
+            model,
+            [prompt_ids(tokenizer, convs[i]) for i in live],
+            [row_seed(settings.seed, first + i, turn) for i in live],
+            params,
+            eos,
+            pad,
+            batch_size,
+        )
         for i, (answer, ok) in zip(live, rows, strict=True):
-            convs[i].append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=False)})
+            convs[i].append(
+                {"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=False)}
+            )
             ended[i] = ok
-    return [{"id": first + i, "messages": c, "ended": e} for i, (c, e) in enumerate(zip(convs, ended, strict=True))]
+    return [
+        {"id": first + i, "messages": c, "ended": e}
+        for i, (c, e) in enumerate(zip(convs, ended, strict=True))
+    ]
 
 
 def corpus_path(fingerprint: str, settings: ChatSettings) -> Path:
@@ -291,18 +335,23 @@ def read_records(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 if n == 1 or not line.endswith("\n"):  # a write cut by a kill: the last line only
                     break
-                raise ChatDataError(f"{path}:{n}: not valid JSON; delete the file to sample it again") from None
+                raise ChatDataError(
+                    f"{path}:{n}: not valid JSON; delete the file to sample it again"
+                ) from None
             records.append(rec)
     return records
 
 
-def teacher_chat(model, tokenizer, settings: ChatSettings = ChatSettings(), batch_size: int = 16,
-                 log=print) -> list[dict]:
+def teacher_chat(
+    model, tokenizer, settings: ChatSettings = ChatSettings(), batch_size: int = 16, log=print
+) -> list[dict]:
     """The first `settings.n` conversation records for this teacher: from the shipped file or the cache when they
     hold enough, else sampled (appending each finished batch to the cache file, so a killed run resumes)."""
     if not has_chat_template(tokenizer):
-        raise ChatDataError("the teacher's tokenizer has no chat template; chat data needs an Instruct teacher "
-                            "(or pass --data with your own text)")
+        raise ChatDataError(
+            "the teacher's tokenizer has no chat template; chat data needs an Instruct teacher "
+            "(or pass --data with your own text)"
+        )
     fp = teacher_fingerprint(model)
     for path in (shipped_path(fp, settings), corpus_path(fp, settings)):
         if path.is_file():
@@ -313,8 +362,10 @@ def teacher_chat(model, tokenizer, settings: ChatSettings = ChatSettings(), batc
     path.parent.mkdir(parents=True, exist_ok=True)
     have = read_records(path) if path.is_file() else []
     if len(have) < settings.n:
-        log(f"chat data: sampling {settings.n - len(have)} conversations from the teacher into {path} "
-            f"(T={settings.temperature}, top-p {settings.top_p}; resumable, {len(have)} already there)")
+        log(
+            f"chat data: sampling {settings.n - len(have)} conversations from the teacher into {path} "
+            f"(T={settings.temperature}, top-p {settings.top_p}; resumable, {len(have)} already there)"
+        )
     t0, n_tok = time.perf_counter(), 0
     chunk = batch_size * 4
     if path.is_file():  # drop a line cut by an earlier kill (the records before it stay on disk as they are)
@@ -322,17 +373,24 @@ def teacher_chat(model, tokenizer, settings: ChatSettings = ChatSettings(), batc
         os.truncate(path, raw.rfind(b"\n") + 1)
     with open(path, "a", encoding="utf-8") as f:
         while len(have) < settings.n:
-            new = generate_records(model, tokenizer, settings, len(have), min(settings.n, len(have) + chunk),
-                                   batch_size)
+            new = generate_records(
+                model, tokenizer, settings, len(have), min(settings.n, len(have) + chunk), batch_size
+            )
             f.writelines(json.dumps(r) + "\n" for r in new)
             f.flush()
             os.fsync(f.fileno())
             have.extend(new)
-            n_tok += sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
-                         for r in new for m in r["messages"] if m["role"] == "assistant")
+            n_tok += sum(
+                len(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
+                for r in new
+                for m in r["messages"]
+                if m["role"] == "assistant"
+            )
             dt = time.perf_counter() - t0
-            log(f"chat data: {len(have)}/{settings.n} conversations, {n_tok:,} answer tokens in {dt:.0f} s "
-                f"({n_tok / max(dt, 1e-9):.0f} tok/s)")
+            log(
+                f"chat data: {len(have)}/{settings.n} conversations, {n_tok:,} answer tokens in {dt:.0f} s "
+                f"({n_tok / max(dt, 1e-9):.0f} tok/s)"
+            )
     return have[: settings.n]
 
 

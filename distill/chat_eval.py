@@ -36,7 +36,9 @@ from llamba.generate import chat_stop_ids
 FACT_TOKENS = 64
 OPEN_TOKENS = 256
 # The teacher's answers to the eval prompts: greedy for facts, sampled as the training data is for open prompts.
-FACT_SETTINGS = ChatSettings(n=10_000, temperature=0.0, top_p=1.0, max_new_tokens=FACT_TOKENS, prompt_set="fact-eval")
+FACT_SETTINGS = ChatSettings(
+    n=10_000, temperature=0.0, top_p=1.0, max_new_tokens=FACT_TOKENS, prompt_set="fact-eval"
+)
 OPEN_SETTINGS = ChatSettings(n=10_000, max_new_tokens=OPEN_TOKENS, prompt_set="open-eval")
 
 
@@ -46,8 +48,14 @@ def is_right(answer: str, accepted: tuple[str, ...]) -> bool:
 
 
 @torch.no_grad()
-def student_answers(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int,
-                    batch_size: int = 32) -> list[tuple[list[int], bool]]:
+def student_answers(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    batch_size: int = 32,
+) -> list[tuple[list[int], bool]]:
     """Greedy answers of a Llamba student, batched: a left-padded prefill (padding leaves the state untouched),
     then one recurrent step per token; finished rows leave the batch. -> per prompt (ids, ended with a stop id)."""
     device = model.device
@@ -138,15 +146,25 @@ def chat_report(student, teacher, tokenizer, n_show: int = 3, log=print) -> dict
         "student_facts_right": sum(s_right),
         "student_right_of_teacher_right": both,
         "fact_retained": both / max(1, sum(t_right)),
-        "chat_ppl_ratio": chat["ratio"], "chat_teacher_ppl": chat["teacher_ppl"],
-        "chat_student_ppl": chat["student_ppl"], "chat_tokens": chat["tokens"],
-        "prose_ppl_ratio": prose["ratio"], "prose_teacher_ppl": prose["teacher_ppl"],
-        "prose_student_ppl": prose["student_ppl"], "prose_tokens": prose["tokens"],
-        "eos_rate": sum(ended) / max(1, len(ended)), "open_prompts": len(ended), "empty_answers": empty,
+        "chat_ppl_ratio": chat["ratio"],
+        "chat_teacher_ppl": chat["teacher_ppl"],
+        "chat_student_ppl": chat["student_ppl"],
+        "chat_tokens": chat["tokens"],
+        "prose_ppl_ratio": prose["ratio"],
+        "prose_teacher_ppl": prose["teacher_ppl"],
+        "prose_student_ppl": prose["student_ppl"],
+        "prose_tokens": prose["tokens"],
+        "eos_rate": sum(ended) / max(1, len(ended)),
+        "open_prompts": len(ended),
+        "empty_answers": empty,
         "open_max_new_tokens": OPEN_TOKENS,
-        "examples": [{"prompt": facts[i][0], "teacher": t_text[i], "student": s_text[i]} for i in range(len(facts))]
-        + [{"prompt": r["messages"][0]["content"], "teacher": r["messages"][1]["content"], "student": s}
-           for r, s in zip(opens, s_open_text, strict=True)],
+        "examples": [
+            {"prompt": facts[i][0], "teacher": t_text[i], "student": s_text[i]} for i in range(len(facts))
+        ]
+        + [
+            {"prompt": r["messages"][0]["content"], "teacher": r["messages"][1]["content"], "student": s}
+            for r, s in zip(opens, s_open_text, strict=True)
+        ],
     }
     report["show"] = show_examples(report, n_show)
     return report

@@ -24,16 +24,12 @@ from pathlib import Path
 
 import torch
 
-from llamba.errors import LlambaError, one_line
+from llamba.errors import DataError, one_line
 
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 0  # the held-out split does not depend on the run seed: every run evaluates on the same text
 
 DEFAULT_DATA = "chat"  # what --data means when it is not given
-
-
-class DataError(LlambaError, ValueError):
-    """Bad `--data`: the one-line message names the file and the field."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,8 +70,9 @@ def text_value(value, where: str, field: str) -> str:
     if isinstance(value, str):
         return value
     kind = "null" if value is None else type(value).__name__
-    raise DataError(f"{where}: field {field!r} is {kind}, not text; clean the row or set --text-field to the "
-                    "text column")
+    raise DataError(
+        f"{where}: field {field!r} is {kind}, not text; clean the row or set --text-field to the text column"
+    )
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
@@ -84,7 +81,9 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             texts = [jsonl_text(line, f"{path}:{n}", field) for n, line in enumerate(f, 1)]
     except UnicodeDecodeError:
-        raise DataError(f"{path}:{n + 1}: not UTF-8 text; is it a JSONL file? (convert it to UTF-8)") from None
+        raise DataError(
+            f"{path}:{n + 1}: not UTF-8 text; is it a JSONL file? (convert it to UTF-8)"
+        ) from None
     return [t for t in texts if t is not None]
 
 
@@ -94,13 +93,17 @@ def read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     nul = raw.find(b"\x00", 0, 1 << 16)
     if nul >= 0:
-        raise DataError(f"{path} is a binary file (NUL byte at offset {nul}), not text; --data takes plain text, "
-                        "JSONL or Parquet")
+        raise DataError(
+            f"{path} is a binary file (NUL byte at offset {nul}), not text; --data takes plain text, "
+            "JSONL or Parquet"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
-                        "e.g. `iconv -f latin1 -t utf-8`") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
+            "e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
 
 
 def parquet_file(path: Path, field: str):
@@ -118,9 +121,14 @@ def parquet_file(path: Path, field: str):
     if field not in pf.schema_arrow.names:
         raise DataError(f"{path}: no column {field!r} among {pf.schema_arrow.names} (set --text-field)")
     kind = pf.schema_arrow.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
-        raise DataError(f"{path}: column {field!r} has type {kind}, not string; set --text-field to the text column")
+    if not (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or getattr(pa.types, "is_string_view", lambda _: False)(kind)
+    ):
+        raise DataError(
+            f"{path}: column {field!r} has type {kind}, not string; set --text-field to the text column"
+        )
     return pf
 
 
@@ -173,10 +181,12 @@ def chat_spec(spec: str | None) -> int | None:
         return ChatSettings().n
     for prefix in ("chat:", "teacher:"):
         if spec.startswith(prefix):
-            n = spec[len(prefix):]
+            n = spec[len(prefix) :]
             if not n.isdigit() or int(n) < 2:
-                raise DataError(f"--data {spec}: the number of conversations must be an integer >= 2 "
-                                f"(e.g. {prefix}{ChatSettings().n})")
+                raise DataError(
+                    f"--data {spec}: the number of conversations must be an integer >= 2 "
+                    f"(e.g. {prefix}{ChatSettings().n})"
+                )
             return int(n)
     return None
 
@@ -186,12 +196,33 @@ def teacher_chat_documents(teacher, tokenizer, n: int) -> list[str]:
     from llamba.distill.chat_data import ChatSettings, chat_documents, teacher_chat
 
     if teacher is None or tokenizer is None:
-        raise DataError("chat data (the default --data) is sampled from the teacher: pass a teacher and its tokenizer")
+        raise DataError(
+            "chat data (the default --data) is sampled from the teacher: pass a teacher and its tokenizer"
+        )
     return chat_documents(teacher_chat(teacher, tokenizer, ChatSettings(n=n)), tokenizer)
 
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md", ".csv", ".tsv", ".bin", ".safetensors", ".gguf",
-                 ".pt", ".npz", ".arrow", ".gz", ".zst", ".xz", ".bz2", ".zip", ".tar")
+FILE_SUFFIXES = (
+    ".txt",
+    ".jsonl",
+    ".json",
+    ".parquet",
+    ".md",
+    ".csv",
+    ".tsv",
+    ".bin",
+    ".safetensors",
+    ".gguf",
+    ".pt",
+    ".npz",
+    ".arrow",
+    ".gz",
+    ".zst",
+    ".xz",
+    ".bz2",
+    ".zip",
+    ".tar",
+)
 
 
 def is_hub_name(spec: str) -> bool:
@@ -199,8 +230,13 @@ def is_hub_name(spec: str) -> bool:
     file suffix, or one under a directory that exists here ('data/corpus' with data/ present), is a mistyped path:
     it fails at once instead of after network retries."""
     path = Path(spec)
-    return not path.exists() and not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 and \
-        path.suffix.lower() not in FILE_SUFFIXES and not (spec.count("/") == 1 and path.parent.is_dir())
+    return (
+        not path.exists()
+        and not spec.startswith(("/", ".", "~"))
+        and spec.count("/") <= 1
+        and path.suffix.lower() not in FILE_SUFFIXES
+        and not (spec.count("/") == 1 and path.parent.is_dir())
+    )
 
 
 def load_documents(
@@ -249,8 +285,10 @@ def split_single_document(doc: str, spec: str) -> list[str]:
             return parts
     words = doc.split()
     if len(words) < 2:
-        raise DataError(f"--data {spec}: a single document of {len(words)} word is too short to hold out a "
-                        "held-out split; give more text")
+        raise DataError(
+            f"--data {spec}: a single document of {len(words)} word is too short to hold out a "
+            "held-out split; give more text"
+        )
     k = min(10, len(words))
     return [" ".join(words[i * len(words) // k : (i + 1) * len(words) // k]) for i in range(k)]
 

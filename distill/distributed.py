@@ -70,7 +70,9 @@ class DistContext:
 
     def all_reduce_mean(self, value: float | torch.Tensor) -> float:
         """The mean over ranks of a scalar (metrics, budgets); identity for one process."""
-        t = torch.as_tensor(value, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.as_tensor(
+            value, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu"
+        )
         if self.distributed:
             dist.all_reduce(t)
             t /= self.world_size
@@ -95,8 +97,10 @@ class DistContext:
     def rows(self, batch_size: int) -> slice:
         """This rank's rows r, r + N, r + 2N, ... of a global batch of batch_size (divisible by N)."""
         if batch_size % self.world_size:
-            raise UsageError(f"global batch {batch_size} is not divisible by world size {self.world_size}; "
-                             "choose --batch-size as a multiple of the number of processes")
+            raise UsageError(
+                f"global batch {batch_size} is not divisible by world size {self.world_size}; "
+                "choose --batch-size as a multiple of the number of processes"
+            )
         return slice(self.rank, batch_size, self.world_size)
 
     def shard(self, global_batch: torch.Tensor) -> torch.Tensor:
@@ -125,7 +129,9 @@ def _ensure_group() -> None:
 def _ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return DistributedDataParallel(
+        module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+    )
 
 
 def _fully_shard(model: nn.Module, unit_cls: type | None, policy=None) -> None:
@@ -140,9 +146,15 @@ def _fully_shard(model: nn.Module, unit_cls: type | None, policy=None) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def wrap_student(model: nn.Module, ctx: DistContext, strategy: str = "auto", block_cls: type | None = None,
-                 activation_checkpointing: bool = False, mixed_precision: bool = True,
-                 ddp_per_block: bool = False) -> nn.Module:
+def wrap_student(
+    model: nn.Module,
+    ctx: DistContext,
+    strategy: str = "auto",
+    block_cls: type | None = None,
+    activation_checkpointing: bool = False,
+    mixed_precision: bool = True,
+    ddp_per_block: bool = False,
+) -> nn.Module:
     """Shard or replicate the student for data-parallel training; returns the module to train.
 
     strategy: 'fsdp' (FSDP2 `fully_shard` per block then root), 'ddp', 'none' (one process), or 'auto'
@@ -162,8 +174,11 @@ def wrap_student(model: nn.Module, ctx: DistContext, strategy: str = "auto", blo
         return _ddp(model, ctx)
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision and bf16_supported(ctx.device) else None
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision and bf16_supported(ctx.device)
+        else None
+    )
     _fully_shard(model, block_cls, policy)
     return model
 
@@ -206,11 +221,18 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     if not dist.is_initialized():
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
-def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
-                 extra: dict | None = None) -> None:
+def save_sharded(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+    extra: dict | None = None,
+) -> None:
     """Write model + optimizer with DCP into `path` atomically (temp dir, then rename by rank 0)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -230,8 +252,9 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     ctx.barrier()
 
 
-def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 extra_template: dict | None = None) -> dict:
+def load_sharded(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra_template: dict | None = None
+) -> dict:
     """Restore a DCP checkpoint written on any world size into this (possibly resharded) model/optimizer.
     Returns the `extra` dict (its keys must be given in extra_template, DCP loads in place)."""
     import torch.distributed.checkpoint as dcp
@@ -246,9 +269,17 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     return state["extra"]
 
 
-def memory_plan(student: nn.Module, teacher: nn.Module | None, ctx: DistContext, strategy: str, seq_len: int,
-                micro_batch: int, activation_checkpointing: bool = False,
-                teacher_strategy: str = "replicate", stage_bytes: float = 0.0) -> dict[str, float]:
+def memory_plan(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    ctx: DistContext,
+    strategy: str,
+    seq_len: int,
+    micro_batch: int,
+    activation_checkpointing: bool = False,
+    teacher_strategy: str = "replicate",
+    stage_bytes: float = 0.0,
+) -> dict[str, float]:
     """Bytes per rank (GiB): student params, gradients, AdamW state (2 fp32 moments), teacher (its dtype, 1/N of
     it when sharded), activations, and `stage_bytes` (the stage record's own estimate).
 
@@ -297,7 +328,9 @@ def check_memory_plan(plan: dict[str, float], ctx: DistContext) -> str:
     line = ", ".join(f"{k} {v:.2f}" for k, v in plan.items()) + " GiB per rank"
     free = available_memory_gib(ctx.device)
     if plan["total"] > free:
-        raise ResourceError(f"memory plan needs {plan['total']:.1f} GiB per rank but {free:.1f} GiB is free; lower "
-                          "--batch-size/--seq-len, add --activation-checkpointing, or use more processes "
-                          "(--strategy fsdp, --teacher-strategy fsdp)")
+        raise ResourceError(
+            f"memory plan needs {plan['total']:.1f} GiB per rank but {free:.1f} GiB is free; lower "
+            "--batch-size/--seq-len, add --activation-checkpointing, or use more processes "
+            "(--strategy fsdp, --teacher-strategy fsdp)"
+        )
     return line

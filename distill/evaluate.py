@@ -3,6 +3,9 @@ and per-layer relative hidden-state error ||h_s - h_t|| / ||h_t||, two ways:
     layer_rel_err   teacher-forced: student block i on the teacher's hidden_states[i] vs hidden_states[i+1]
                     (what stages 1-2 optimize, one number per layer)
     stream_rel_err  free-running: the student's own residual stream after layer i vs the teacher's
+Both leave out position 0 of every row: a Llama teacher parks its attention sink there, a "massive activation"
+(in SmolLM2-135M the residual norm at position 0 is ~25,000 from layer 11 on, ~150 elsewhere) that would make
+the error read ~0.99 whatever the student does, while the mixers have no use for a sink.
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ def evaluate_tokens(
         t = teacher_residuals(teacher_model, x)
         s = student(x, return_residuals=True)
         for i, block in enumerate(student.backbone.layers):
-            target = t["resid"][i + 1].float()
-            diff_st[i] += (s.residuals[i + 1].float() - target).pow(2).sum().item()
+            target = t["resid"][i + 1][:, 1:].float()  # (b, l - 1, d): past the sink position
+            diff_st[i] += (s.residuals[i + 1][:, 1:].float() - target).pow(2).sum().item()
             ref[i] += target.pow(2).sum().item()
             if per_layer:  # student block i on the teacher's stream
                 pred, _, _ = block(t["resid"][i])
-                diff_tf[i] += (pred.float() - target).pow(2).sum().item()
+                diff_tf[i] += (pred[:, 1:].float() - target).pow(2).sum().item()
         s_logits = s.logits
         t_logits = t["logits"]
         targets = x[:, 1:].reshape(-1)
@@ -68,8 +71,14 @@ def evaluate_tokens(
     return out
 
 
-def heldout_rows(teacher, seq_len: int, data=None, text_field: str = "text", docs: list[str] | None = None,
-                 stream: bool = False) -> torch.Tensor:
+def heldout_rows(
+    teacher,
+    seq_len: int,
+    data=None,
+    text_field: str = "text",
+    docs: list[str] | None = None,
+    stream: bool = False,
+) -> torch.Tensor:
     """The held-out rows (n, seq_len) of `--data` for a run.Teacher: the fixed 10% document split in memory, or the
     stream's held-out documents (distill/stream.py) with `stream`."""
     if stream:

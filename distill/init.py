@@ -2,8 +2,13 @@
 
 Always copied: embedding, every RMSNorm, every MLP, the LM head (tied or untied as the teacher).
 Mixer init (`--init`):
-    llamba     the published recipe (reference §1.6): default Linear init, identity conv, identity gate (z rows 0,
-               z_bias = 1.2785 so silu = 1), D = 1; stage 1 then shapes the mixers
+    llamba     the published recipe (docs/equations.md §M4): default Linear init, identity conv, identity gate (z rows 0,
+               z_bias = 1.2785 so silu = 1), D = 1; stage 1 then shapes the mixers. The A_log rows start near 0, so
+               every head forgets half its state per token (a_t ~ 0.5), and short budgets barely move them: after the
+               150,000-token default run no head of SmolLM2's student keeps half its state past 4.4 tokens
+    llamba-slow  the recipe plus a bias on the A_log rows (the student gets in_proj / out_proj biases, zero but for
+               these): per head a_t starts at exp(-dt) with dt log-uniform in SLOW_DT, a state half-life of
+               7-700 tokens, as Mamba-2 initializes its step sizes
     attention  queries -> C (with the 1/sqrt(head_dim) softmax scale folded in), keys -> B, values -> x,
                o_proj -> out_proj; K and V are expanded from kv heads to query heads by whole head blocks
                (the teacher's repeat_kv); D = 0 (attention has no skip); conv and gate identity; A_log default.
@@ -12,6 +17,8 @@ Mixer init (`--init`):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,7 +26,8 @@ from llamba.config import LlambaConfig
 from llamba.errors import LlambaError
 from llamba.model import LlambaForCausalLM
 
-INIT_CHOICES = ("llamba", "attention")
+INIT_CHOICES = ("llamba", "llamba-slow", "attention")
+SLOW_DT = (1e-3, 1e-1)  # llamba-slow: the range of -log a_t at init (Mamba-2's dt_min, dt_max)
 
 
 class InitError(LlambaError, ValueError):
@@ -66,16 +74,33 @@ def init_mixer_from_attention(mixer, attn, n_heads: int, n_kv: int, head_dim: in
     mixer.D.zero_()
 
 
+@torch.no_grad()
+def init_slow_decay(mixer, generator: torch.Generator, dt_range: tuple[float, float] = SLOW_DT) -> None:
+    """in_proj.bias of the A_log rows = softplus^-1(dt), one dt per value head, log-uniform in dt_range: with the
+    rows' weights near zero, a_t = exp(-softplus(A_log_t)) starts near exp(-dt) for every token."""
+    if mixer.in_proj.bias is None:
+        raise InitError("--init llamba-slow needs the student's in_proj bias (config bias=True)")
+    lo, hi = math.log(dt_range[0]), math.log(dt_range[1])
+    dt = torch.exp(lo + (hi - lo) * torch.rand(mixer.h, generator=generator))
+    mixer.in_proj.bias[mixer.a_rows()] = torch.log(torch.expm1(dt))
+
+
 def build_student(teacher: nn.Module, init: str = "llamba", seed: int = 0, **overrides) -> LlambaForCausalLM:
     """A Llamba student for a Llama teacher. overrides go to LlambaConfig.from_llama_config (e.g. chunk_size)."""
     if init not in INIT_CHOICES:
         raise InitError(f"--init must be one of {INIT_CHOICES}, got {init!r}")
+    if init == "llamba-slow":
+        overrides["bias"] = True
     config = student_config(teacher, **overrides)
     torch.manual_seed(seed)
     student = LlambaForCausalLM(config)
     student.config.distillation = {"teacher": getattr(teacher.config, "name_or_path", None) or None}
-    if getattr(teacher, "generation_config", None) is not None:  # saved as the student's generation_config.json
-        student.generation_config = teacher.generation_config.__class__.from_dict(teacher.generation_config.to_dict())
+    if (
+        getattr(teacher, "generation_config", None) is not None
+    ):  # saved as the student's generation_config.json
+        student.generation_config = teacher.generation_config.__class__.from_dict(
+            teacher.generation_config.to_dict()
+        )
     copy_non_mixer(student, teacher)
     if init == "attention":
         tc = teacher.config
@@ -92,4 +117,8 @@ def build_student(teacher: nn.Module, init: str = "llamba", seed: int = 0, **ove
             )
         for t_layer, s_layer in zip(teacher.model.layers, student.backbone.layers, strict=True):
             init_mixer_from_attention(s_layer.mixer, t_layer.self_attn, n_heads, n_kv, head_dim)
+    elif init == "llamba-slow":
+        g = torch.Generator().manual_seed(seed + 1)
+        for layer in student.backbone.layers:
+            init_slow_decay(layer.mixer, g)
     return student

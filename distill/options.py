@@ -13,12 +13,25 @@ import dataclasses
 from typing import Any
 
 
-def option(default: Any, help: str, low: float | None = None, low_open: bool = False,
-           choices: tuple[str, ...] | None = None, show_default: bool = True, param: str | None = None):
+def option(
+    default: Any,
+    help: str,
+    low: float | None = None,
+    low_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+    show_default: bool = True,
+    param: str | None = None,
+):
     """A dataclass field that is also a command-line option: `--name-with-dashes` (or `param`); type from the
     default (bool -> flag); `low` / `low_open` a range; `choices` a fixed set."""
-    meta = {"help": help, "low": low, "low_open": low_open, "choices": choices, "show_default": show_default,
-            "param": param}
+    meta = {
+        "help": help,
+        "low": low,
+        "low_open": low_open,
+        "choices": choices,
+        "show_default": show_default,
+        "param": param,
+    }
     return dataclasses.field(default=default, metadata={"cli": meta})
 
 
@@ -37,13 +50,16 @@ def click_option(f: dataclasses.Field):
     decls = [meta["param"] or "--" + f.name.replace("_", "-"), f.name]
     if kind is bool:
         if f.default:  # on by default: the flag's --no- form turns it off
-            return click.option(f"{decls[0]}/--no-{decls[0][2:]}", f.name, default=True, show_default=True,
-                                help=meta["help"])
+            return click.option(
+                f"{decls[0]}/--no-{decls[0][2:]}", f.name, default=True, show_default=True, help=meta["help"]
+            )
         return click.option(*decls, is_flag=True, default=False, help=meta["help"])
     if meta["choices"]:
         ptype = click.Choice(list(meta["choices"]))
     elif kind is float:
-        ptype = click.FloatRange(min=meta["low"], min_open=meta["low_open"]) if meta["low"] is not None else float
+        ptype = (
+            click.FloatRange(min=meta["low"], min_open=meta["low_open"]) if meta["low"] is not None else float
+        )
     elif kind is int:
         ptype = click.IntRange(min=meta["low"]) if meta["low"] is not None else int
     else:

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from llamba.atomic import clean_stale
-from llamba.checkpoints import CARD_METRICS, load_model, record_distillation
+from llamba.card import CARD_METRICS
+from llamba.checkpoints import load_model, record_distillation
 from llamba.distill.chat_data import ChatMarkers
 from llamba.distill.data import TokenData, build_token_data, load_documents
 from llamba.distill.distributed import (
@@ -67,8 +68,24 @@ from llamba.threads import ThreadGovernor
 # bf16 instructions (chat data: 100,000 tokens took 12.8 min end to end, 150,000 took 19.9 min; more tokens is the
 # lever that moved every chat figure).
 DEFAULT_TOTAL_TOKENS = 150_000
-CLI_FLAGS = {"seq_len", "batch_size", "grad_accum", "lr", "seed", "precision", "temperature", "hard_weight",
-             "freeze_mlp", "teacher_bf16", "kd_tokens", "mixer_only", "epochs", "stream", "stream_shards", "tokens"}
+CLI_FLAGS = {
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "seed",
+    "precision",
+    "temperature",
+    "hard_weight",
+    "freeze_mlp",
+    "teacher_bf16",
+    "kd_tokens",
+    "mixer_only",
+    "epochs",
+    "stream",
+    "stream_shards",
+    "tokens",
+}
 
 
 CARD_KEYS = {key for key, _, _ in CARD_METRICS}
@@ -114,15 +131,20 @@ def stage_record(spec: StageSpec, start: str | None) -> dict:
 
 def spec_mismatch(old: dict, new: dict) -> str | None:
     """The first field whose value differs (fields missing from an older spec.json read as their defaults)."""
-    base = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
-            for f in dataclasses.fields(StageSpec) if f.default is not dataclasses.MISSING}
+    base = {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(StageSpec)
+        if f.default is not dataclasses.MISSING
+    }
     base["start"] = new.get("start")
     old = {**base, **old}
     return next((k for k, v in new.items() if old.get(k) != v), None)
 
 
 def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-") if key in CLI_FLAGS else "--init-from" if key == "start" else f"`{key}`"
+    return (
+        "--" + key.replace("_", "-") if key in CLI_FLAGS else "--init-from" if key == "start" else f"`{key}`"
+    )
 
 
 def check_spec(new: dict, sdir: StageDir, ctx: DistContext, finished: bool = False) -> None:
@@ -132,14 +154,18 @@ def check_spec(new: dict, sdir: StageDir, ctx: DistContext, finished: bool = Fal
     key = spec_mismatch(old, new) if old is not None and (finished or sdir.resume_dir.is_dir()) else None
     if key is not None:
         was = "finished" if finished else "was started"
-        raise RunError(f"{sdir.spec_file}: this stage {was} with a different `{key}` ({old.get(key)!r} vs "
-                       f"{new[key]!r}); use a new --out, or {_flag(key)} {old.get(key)} to "
-                       f"{'keep its result' if finished else 'continue it'}")
+        raise RunError(
+            f"{sdir.spec_file}: this stage {was} with a different `{key}` ({old.get(key)!r} vs "
+            f"{new[key]!r}); use a new --out, or {_flag(key)} {old.get(key)} to "
+            f"{'keep its result' if finished else 'continue it'}"
+        )
     first = ctx.broadcast_object(new)
     diff = [k for k, v in new.items() if first.get(k) != v]
     if diff:
-        raise RunError(f"rank {ctx.rank}: `{diff[0]}` is {new[diff[0]]!r} here but {first[diff[0]]!r} on rank 0; "
-                       "launch every rank with the same command")
+        raise RunError(
+            f"rank {ctx.rank}: `{diff[0]}` is {new[diff[0]]!r} here but {first[diff[0]]!r} on rank 0; "
+            "launch every rank with the same command"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,9 +196,17 @@ class StageRun:
     plan_line: str
 
 
-def setup_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, data, device: torch.device,
-                ctx: DistContext, strategy: str = "auto", activation_checkpointing: bool = False,
-                teacher_strategy: str = "auto") -> StageRun:
+def setup_stage(
+    spec: StageSpec,
+    student: LlambaForCausalLM,
+    teacher: Teacher,
+    data,
+    device: torch.device,
+    ctx: DistContext,
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
+    teacher_strategy: str = "auto",
+) -> StageRun:
     """Choose the trained parameters, check the memory plan, shard or replicate teacher and student, build the
     optimizer and the stage's loss step (from the stage registry: per-block stages get the blocks, the others
     the whole model)."""
@@ -181,18 +215,41 @@ def setup_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
     trainable_parameters(student, spec)
     strategy = resolve_strategy(strategy, ctx)
     sharded_teacher = hasattr(teacher.model, "unshard")  # sharded by an earlier stage of this run
-    plan_args = (student, teacher.model, ctx, strategy, spec.seq_len, spec.batch_size // ctx.world_size,
-                 activation_checkpointing)
+    plan_args = (
+        student,
+        teacher.model,
+        ctx,
+        strategy,
+        spec.seq_len,
+        spec.batch_size // ctx.world_size,
+        activation_checkpointing,
+    )
     extra = record.extra_bytes(spec, teacher.model.config, ctx.world_size)
-    teacher_strategy = "fsdp" if sharded_teacher else ctx.broadcast_object(  # rank 0's free memory decides
-        resolve_teacher_strategy(teacher_strategy, ctx, memory_plan(*plan_args, teacher_strategy="replicate",
-                                                                    stage_bytes=extra)))
-    plan_line = check_memory_plan(memory_plan(*plan_args, teacher_strategy=teacher_strategy, stage_bytes=extra),
-                                  ctx)
+    teacher_strategy = (
+        "fsdp"
+        if sharded_teacher
+        else ctx.broadcast_object(  # rank 0's free memory decides
+            resolve_teacher_strategy(
+                teacher_strategy,
+                ctx,
+                memory_plan(*plan_args, teacher_strategy="replicate", stage_bytes=extra),
+            )
+        )
+    )
+    plan_line = check_memory_plan(
+        memory_plan(*plan_args, teacher_strategy=teacher_strategy, stage_bytes=extra), ctx
+    )
     if not sharded_teacher:
         wrap_teacher(teacher.model, ctx, teacher_strategy)
-    model = wrap_student(student, ctx, strategy, LlambaBlock, activation_checkpointing,
-                         mixed_precision=spec.precision != "fp32", ddp_per_block=record.per_block)
+    model = wrap_student(
+        student,
+        ctx,
+        strategy,
+        LlambaBlock,
+        activation_checkpointing,
+        mixed_precision=spec.precision != "fp32",
+        ddp_per_block=record.per_block,
+    )
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
     # Per-block stages call the student's blocks one by one (FSDP2 gathers each block's shards in its own hooks;
     # DDP wraps each block); whole-model stages call the model, through the DDP wrapper when there is one.
@@ -200,9 +257,20 @@ def setup_stage(spec: StageSpec, student: LlambaForCausalLM, teacher: Teacher, d
         net = ddp_blocks(student.backbone.layers, ctx) if strategy == "ddp" else list(student.backbone.layers)
     else:
         net = model
-    return StageRun(spec, student, model, make_optimizer(named, spec), [p for _, p in named],
-                    record.step(net, teacher.model, spec, device, ChatMarkers.of(teacher.tokenizer)), data, ctx, device, strategy, teacher_strategy,
-                    plan_line)
+    return StageRun(
+        spec,
+        student,
+        model,
+        make_optimizer(named, spec),
+        [p for _, p in named],
+        record.step(net, teacher.model, spec, device, ChatMarkers.of(teacher.tokenizer)),
+        data,
+        ctx,
+        device,
+        strategy,
+        teacher_strategy,
+        plan_line,
+    )
 
 
 def train_step(run: StageRun, step: int) -> dict:
@@ -215,23 +283,36 @@ def train_step(run: StageRun, step: int) -> dict:
         group["lr"] = lr
     losses, per_layer = [], None
     for micro in range(spec.grad_accum):
-        ids = run.data.local_batch(step * spec.grad_accum + micro, spec.batch_size, spec.seed, ctx)  # (b / N, l)
+        ids = run.data.local_batch(
+            step * spec.grad_accum + micro, spec.batch_size, spec.seed, ctx
+        )  # (b / N, l)
         loss, layers = run.loss_step(ids.to(run.device), 1.0 / spec.grad_accum)
         losses.append(loss)
         if layers is not None:
-            per_layer = layers if per_layer is None else [a + b for a, b in zip(per_layer, layers, strict=True)]
+            per_layer = (
+                layers if per_layer is None else [a + b for a, b in zip(per_layer, layers, strict=True)]
+            )
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, spec.clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss = ctx.all_reduce_mean(sum(losses) / len(losses))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         run.opt.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"stage {spec.stage}: loss {loss:.4g}, gradient norm {grad_norm:.4g} at step "
-                            f"{step + 1}/{spec.total_steps}")
+        raise NonFiniteLoss(
+            f"stage {spec.stage}: loss {loss:.4g}, gradient norm {grad_norm:.4g} at step "
+            f"{step + 1}/{spec.total_steps}"
+        )
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     dt = time.time() - t0
-    row = {"step": step + 1, "tokens": (step + 1) * spec.tokens_per_step, "loss": loss, "lr": lr,
-           "grad_norm": grad_norm, "tok_s": spec.tokens_per_step / dt, "elapsed_s": dt}
+    row = {
+        "step": step + 1,
+        "tokens": (step + 1) * spec.tokens_per_step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tok_s": spec.tokens_per_step / dt,
+        "elapsed_s": dt,
+    }
     if per_layer is not None:
         row["per_layer"] = [ctx.all_reduce_mean(x / spec.grad_accum) for x in per_layer]
     return row
@@ -249,9 +330,18 @@ class Checkpointer:
         return self.sdir.resume_dir.is_dir()
 
     def save(self, state: TrainState) -> None:
-        save_sharded(self.sdir.resume_dir, self.run.model, self.run.opt, self.run.ctx,
-                     {"step": state.step, "elapsed": state.elapsed, "metric_lines": len(state.metrics),
-                      "data": self.run.data.position(self.run.ctx)})
+        save_sharded(
+            self.sdir.resume_dir,
+            self.run.model,
+            self.run.opt,
+            self.run.ctx,
+            {
+                "step": state.step,
+                "elapsed": state.elapsed,
+                "metric_lines": len(state.metrics),
+                "data": self.run.data.position(self.run.ctx),
+            },
+        )
         self.step = state.step
         if self.run.ctx.is_main and state.metrics:
             plot_stage(state.metrics, self.sdir.path / "loss.png", f"stage {self.run.spec.stage}")
@@ -260,13 +350,22 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         try:
-            extra = load_sharded(self.sdir.resume_dir, self.run.model, self.run.opt,
-                                 {"step": 0, "elapsed": 0.0, "metric_lines": 0, "data": ""})
+            extra = load_sharded(
+                self.sdir.resume_dir,
+                self.run.model,
+                self.run.opt,
+                {"step": 0, "elapsed": 0.0, "metric_lines": 0, "data": ""},
+            )
         except (Exception, CheckpointException) as e:  # truncated shard, empty .metadata: name it and the fix
-            why = type(e).__name__ if isinstance(e, CheckpointException) else \
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            raise RunError(f"{self.sdir.resume_dir} cannot be read ({why}); delete it to restart stage "
-                           f"{self.run.spec.stage} from its start") from None
+            why = (
+                type(e).__name__
+                if isinstance(e, CheckpointException)
+                else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
+            raise RunError(
+                f"{self.sdir.resume_dir} cannot be read ({why}); delete it to restart stage "
+                f"{self.run.spec.stage} from its start"
+            ) from None
         self.run.data.restore(extra["data"])
         self.step = int(extra["step"])
         return TrainState(self.step, float(extra["elapsed"]), self.sdir.metrics(int(extra["metric_lines"])))
@@ -275,7 +374,9 @@ class Checkpointer:
 def _consolidated_student(run: StageRun):
     """A plain LlambaForCausalLM with the full weights on rank 0 (gathered from the shards when sharded; every
     rank must call this), None on the other ranks."""
-    if run.model is run.student and not hasattr(run.student, "unshard"):  # neither FSDP nor DDP: already plain
+    if run.model is run.student and not hasattr(
+        run.student, "unshard"
+    ):  # neither FSDP nor DDP: already plain
         return run.student
     state = full_state_dict(run.model)  # collective; only rank 0 receives the tensors
     if not run.ctx.is_main:
@@ -287,7 +388,7 @@ def _consolidated_student(run: StageRun):
 
 def _summary(run: StageRun, state: TrainState) -> dict:
     spec, metrics = run.spec, state.metrics
-    tail = metrics[-max(1, len(metrics) // 10):]
+    tail = metrics[-max(1, len(metrics) // 10) :]
     summary = {
         "stage": spec.stage,
         "steps": spec.total_steps,
@@ -300,8 +401,9 @@ def _summary(run: StageRun, state: TrainState) -> dict:
         "teacher_strategy": run.teacher_strategy,
     }
     if tail and "per_layer" in tail[-1]:
-        summary["per_layer"] = [sum(m["per_layer"][i] for m in tail) / len(tail)
-                                for i in range(len(tail[-1]["per_layer"]))]
+        summary["per_layer"] = [
+            sum(m["per_layer"][i] for m in tail) / len(tail) for i in range(len(tail[-1]["per_layer"]))
+        ]
     return summary
 
 
@@ -338,13 +440,17 @@ def train_stage(
     check_spec(record, sdir, ctx)
     if main:
         sdir.write_spec(record)
-    run = setup_stage(spec, student, teacher, data, device, ctx, strategy, activation_checkpointing,
-                      teacher_strategy)
+    run = setup_stage(
+        spec, student, teacher, data, device, ctx, strategy, activation_checkpointing, teacher_strategy
+    )
     ckpt = Checkpointer(run, sdir)
     state = ckpt.load() if ckpt.exists() else TrainState()
     if state.step:
-        say(ctx, f"stage {spec.stage}: resuming at step {state.step}/{spec.total_steps} from resume/, "
-                 f"{state.step * spec.tokens_per_step:,} tokens done")
+        say(
+            ctx,
+            f"stage {spec.stage}: resuming at step {state.step}/{spec.total_steps} from resume/, "
+            f"{state.step * spec.tokens_per_step:,} tokens done",
+        )
     if main:
         sdir.write_metrics(state.metrics)  # drops rows logged after the checkpoint
     ctx.barrier()
@@ -352,17 +458,23 @@ def train_stage(
     threads = ThreadGovernor()
     with _progress(progress and main) as bar, sdir.open_log() as log:
         if progress and main:
-            bar.console.print(f"stage {spec.stage}: {ctx.world_size} process(es), strategy {run.strategy}, "
-                              f"teacher {run.teacher_strategy}; memory plan: {run.plan_line}")
-        task = bar.add_task(f"stage {spec.stage}", total=total, completed=state.step, loss=float("nan"), tok_s=0.0)
+            bar.console.print(
+                f"stage {spec.stage}: {ctx.world_size} process(es), strategy {run.strategy}, "
+                f"teacher {run.teacher_strategy}; memory plan: {run.plan_line}"
+            )
+        task = bar.add_task(
+            f"stage {spec.stage}", total=total, completed=state.step, loss=float("nan"), tok_s=0.0
+        )
         while state.step < total:
             threads.update()
             try:
                 row = train_step(run, state.step)
             except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e}; stopped without applying it, {_kept(ckpt, sdir)}; check the teacher's "
-                                    f"weights, or retry with a lower --lr (now {spec.lr:g}) in a new --out (or "
-                                    f"after deleting {sdir.path})") from None
+                raise NonFiniteLoss(
+                    f"{e}; stopped without applying it, {_kept(ckpt, sdir)}; check the teacher's "
+                    f"weights, or retry with a lower --lr (now {spec.lr:g}) in a new --out (or "
+                    f"after deleting {sdir.path})"
+                ) from None
             row["threads"] = threads.threads
             state.step, state.elapsed = row["step"], state.elapsed + row["elapsed_s"]
             row["elapsed_s"] = round(state.elapsed, 3)
@@ -373,7 +485,9 @@ def train_stage(
             bar.update(task, completed=state.step, loss=row["loss"], tok_s=row["tok_s"])
             done_here += 1
             stop = stop_after is not None and done_here >= stop_after
-            due = ctx.broadcast_object(time.time() - last_ckpt >= ckpt_every_s)  # all ranks checkpoint together
+            due = ctx.broadcast_object(
+                time.time() - last_ckpt >= ckpt_every_s
+            )  # all ranks checkpoint together
             if state.step < total and (stop or due):
                 ckpt.save(state)
                 last_ckpt = time.time()
@@ -447,8 +561,10 @@ def stage_start(
     ctx.barrier()
     student = load_model(init_dir, device=device)
     if student.config.n_qk_heads != qk:  # a run begun before run.json recorded qk_heads
-        raise RunError(f"{init_dir}: this run's student has {student.config.n_qk_heads} B/C heads (now --qk-heads "
-                       f"{qk}); use a new --out, or pass --qk-heads {student.config.n_qk_heads} to continue it")
+        raise RunError(
+            f"{init_dir}: this run's student has {student.config.n_qk_heads} B/C heads (now --qk-heads "
+            f"{qk}); use a new --out, or pass --qk-heads {student.config.n_qk_heads} to continue it"
+        )
     return student
 
 
@@ -459,8 +575,10 @@ def student_qk_heads(teacher: Teacher, qk_heads: int | None) -> int:
         return heads
     if qk_heads < 1 or heads % qk_heads:
         kv = getattr(teacher.model.config, "num_key_value_heads", None) or heads
-        raise RunError(f"--qk-heads {qk_heads} must divide the teacher's {heads} attention heads (e.g. its {kv} KV "
-                       f"heads, or {heads}, the default)")
+        raise RunError(
+            f"--qk-heads {qk_heads} must divide the teacher's {heads} attention heads (e.g. its {kv} KV "
+            f"heads, or {heads}, the default)"
+        )
     return qk_heads
 
 
@@ -469,17 +587,20 @@ def check_stage_memory(spec: StageSpec, t: Teacher, ctx: DistContext) -> None:
     need = STAGES[spec.stage].extra_bytes(spec, t.model.config, ctx.world_size) / 2**30
     free = available_memory_gib(ctx.device)
     if need > free:
-        raise ResourceError(f"stage {spec.stage} needs {need:.1f} GiB per rank for its attention maps alone (--seq-len "
-                          f"{spec.seq_len}, --batch-size {spec.batch_size}) but {free:.1f} GiB is free; lower "
-                          "--seq-len or --batch-size, or use more processes")
+        raise ResourceError(
+            f"stage {spec.stage} needs {need:.1f} GiB per rank for its attention maps alone (--seq-len "
+            f"{spec.seq_len}, --batch-size {spec.batch_size}) but {free:.1f} GiB is free; lower "
+            "--seq-len or --batch-size, or use more processes"
+        )
 
 
 def _load_teacher(teacher, ctx: DistContext) -> Teacher:
     return get_teacher(teacher, ctx.device, torch.bfloat16 if bf16_supported(ctx.device) else torch.float32)
 
 
-def _check_run(out: Path, t: Teacher, data, text_field: str, init: str, ctx: DistContext, write: bool = False,
-               **extra) -> RunDir:
+def _check_run(
+    out: Path, t: Teacher, data, text_field: str, init: str, ctx: DistContext, write: bool = False, **extra
+) -> RunDir:
     """Refuse a run directory begun with another teacher, data, init (or `all` budget); with `write`, record them
     (once the data has loaded, so a command that failed on bad input does not claim the directory)."""
     rd = RunDir(out)
@@ -550,8 +671,22 @@ def distill_stage(
     if not _checked:
         _check_run(out, t, data, text_field, init, ctx, write=True, qk_heads=qk)
     student = stage_start(out, stage, t, init, init_from, spec.seed, dev, ctx, qk_heads=qk)
-    return train_stage(spec, student, t, token_data, sdir.path, dev, progress, ckpt_every_s, stop_after, ctx,
-                       strategy, activation_checkpointing, teacher_strategy, start=record.get("start"))
+    return train_stage(
+        spec,
+        student,
+        t,
+        token_data,
+        sdir.path,
+        dev,
+        progress,
+        ckpt_every_s,
+        stop_after,
+        ctx,
+        strategy,
+        activation_checkpointing,
+        teacher_strategy,
+        start=record.get("start"),
+    )
 
 
 def distill_all(
@@ -635,16 +770,31 @@ def distill_all(
             _checked=True,
             **overrides,
         )
-    result["already_done"] = all(s.get("already_done") for s in result["stages"].values()) and \
-        rd.eval_file.is_file()
+    result["already_done"] = (
+        all(s.get("already_done") for s in result["stages"].values()) and rd.eval_file.is_file()
+    )
     if ctx.broadcast_object(not rd.eval_file.is_file()):
-        ev = evaluate(rd.stage(max(STAGES)).path, t, data, docs=docs, max_tokens=eval_tokens, device=str(dev),
-                      text_field=text_field, stream=stream)
+        ev = evaluate(
+            rd.stage(max(STAGES)).path,
+            t,
+            data,
+            docs=docs,
+            max_tokens=eval_tokens,
+            device=str(dev),
+            text_field=text_field,
+            stream=stream,
+        )
         if ctx.is_main:
             write_json(rd.eval_file, ev)
             chat = {k: v for k, v in ev.get("chat", {}).items() if k in CARD_KEYS}
-            record_distillation(rd.stage(max(STAGES)).path, teacher=teacher if isinstance(teacher, str) else None,
-                                tokens=tokens, ppl_ratio=ev.get("ppl_ratio"), data=data_name(data), **chat)
+            record_distillation(
+                rd.stage(max(STAGES)).path,
+                teacher=teacher if isinstance(teacher, str) else None,
+                tokens=tokens,
+                ppl_ratio=ev.get("ppl_ratio"),
+                data=data_name(data),
+                **chat,
+            )
     ctx.barrier()
     result["eval"] = _read_eval(rd.eval_file)
     return result

@@ -21,9 +21,15 @@ from llamba.atomic import atomic_dir, atomic_write, clean_stale, recover_dir
 from llamba.errors import LlambaError
 
 RUN_FILE = "run.json"
-IDENTITY_FLAGS = {"teacher": "--teacher", "teacher_config": "--teacher", "data": "--data",
-                  "data_fingerprint": "--data", "text_field": "--text-field", "init": "--init",
-                  "qk_heads": "--qk-heads"}
+IDENTITY_FLAGS = {
+    "teacher": "--teacher",
+    "teacher_config": "--teacher",
+    "data": "--data",
+    "data_fingerprint": "--data",
+    "text_field": "--text-field",
+    "init": "--init",
+    "qk_heads": "--qk-heads",
+}
 
 
 class RunError(LlambaError, ValueError):
@@ -36,8 +42,11 @@ def read_json(path: Path, fix: str) -> dict:
         text = Path(path).read_text(encoding="utf-8")
         return json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        why = "is empty" if isinstance(e, json.JSONDecodeError) and not text.strip() else \
-            f"is corrupt ({type(e).__name__}: {str(e).splitlines()[0]})"
+        why = (
+            "is empty"
+            if isinstance(e, json.JSONDecodeError) and not text.strip()
+            else f"is corrupt ({type(e).__name__}: {str(e).splitlines()[0]})"
+        )
         raise RunError(f"{path} {why}; {fix}") from None
 
 
@@ -108,14 +117,20 @@ def run_identity(teacher, data, text_field: str, init: str) -> dict:
 def _mismatch(key: str, old: dict, new) -> str:
     """One line: which field of the run changed, and the two ways on."""
     if key == "teacher_config":
-        return (f"the teacher's config changed since this run started (hash {old[key]}, now {new}); use a new "
-                f"--out, or the teacher it was started with ({old.get('teacher')})")
+        return (
+            f"the teacher's config changed since this run started (hash {old[key]}, now {new}); use a new "
+            f"--out, or the teacher it was started with ({old.get('teacher')})"
+        )
     if key == "data_fingerprint":
-        return (f"the content of --data {old.get('data')} changed since this run started; use a new --out, or "
-                "restore the data it was started with")
+        return (
+            f"the content of --data {old.get('data')} changed since this run started; use a new --out, or "
+            "restore the data it was started with"
+        )
     flag = IDENTITY_FLAGS.get(key, f"--{key.replace('_', '-')}")
-    return (f"this run was started with {flag} {old[key]} (now {new}); use a new --out, or pass "
-            f"{flag} {old[key]} to continue it")
+    return (
+        f"this run was started with {flag} {old[key]} (now {new}); use a new --out, or pass "
+        f"{flag} {old[key]} to continue it"
+    )
 
 
 class RunDir:
@@ -145,8 +160,11 @@ class RunDir:
         """Refuse a run directory begun with another teacher, data or init (one line naming the field, the old
         value and the two ways on); record the identity on first use (write: rank 0 only)."""
         if self.run_file.is_file():
-            old = read_json(self.run_file, "delete it only if you are sure the run used this command's teacher "
-                                           "and data, or use a new --out")
+            old = read_json(
+                self.run_file,
+                "delete it only if you are sure the run used this command's teacher "
+                "and data, or use a new --out",
+            )
             for key, new in identity.items():
                 if key in old and old[key] != new:
                     raise RunError(f"{self.run_file}: {_mismatch(key, old, new)}")
@@ -187,8 +205,10 @@ class StageDir:
     def spec(self) -> dict | None:
         if not self.spec_file.is_file():
             return None
-        return read_json(self.spec_file, "delete it (and resume/) to restart this stage with this command's "
-                                         "settings, or use a new --out")
+        return read_json(
+            self.spec_file,
+            "delete it (and resume/) to restart this stage with this command's settings, or use a new --out",
+        )
 
     def write_spec(self, spec: dict) -> None:
         write_json(self.spec_file, spec)
@@ -201,7 +221,11 @@ class StageDir:
         bad line names the file."""
         if not self.metrics_file.is_file():
             return []
-        lines = [x for x in self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+        lines = [
+            x
+            for x in self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines()
+            if x.strip()
+        ]
         rows = []
         for i, line in enumerate(lines):
             try:
@@ -209,8 +233,10 @@ class StageDir:
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
                     break
-                raise RunError(f"{self.metrics_file}: line {i + 1} is not JSON; delete the stage folder to train "
-                               "it again, or use a new --out") from None
+                raise RunError(
+                    f"{self.metrics_file}: line {i + 1} is not JSON; delete the stage folder to train "
+                    "it again, or use a new --out"
+                ) from None
         return rows[:limit] if limit is not None else rows
 
     def write_metrics(self, rows: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""Warmup-stable-decay learning rate (reference §4.4), restarted for every stage."""
+"""Warmup-stable-decay learning rate (docs/equations.md §D2), restarted for every stage."""
 
 from __future__ import annotations
 

@@ -178,8 +178,9 @@ def _data_files(path: Path) -> tuple[list[Path], str]:
     return files, kinds.pop() if kinds else ""
 
 
-def open_source(spec: str | None, text_field: str = "text", teacher=None, tokenizer=None,
-                docs: list[str] | None = None):
+def open_source(
+    spec: str | None, text_field: str = "text", teacher=None, tokenizer=None, docs: list[str] | None = None
+):
     """`--data` as a streaming source: JSONL/Parquet files (or a directory of one kind) and Hugging Face dataset
     names are read lazily; everything else (the default corpus, teacher samples, text files) or `docs` is a list
     in memory, streamed with the same rules."""
@@ -217,7 +218,12 @@ class _ShardPacker:
         return {"epoch": self.epoch, "addr": self.addr, "skip": self.skip, "rows": self.rows}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.addr, self.skip, self.rows = state["epoch"], state["addr"], state["skip"], state["rows"]
+        self.epoch, self.addr, self.skip, self.rows = (
+            state["epoch"],
+            state["addr"],
+            state["skip"],
+            state["rows"],
+        )
         self._docs, self._tokens = None, []
 
     def _next_doc(self) -> None:
@@ -225,8 +231,10 @@ class _ShardPacker:
             self._docs = self.source.docs(self.shard, self.n_shards, self.addr)
             item = next(self._docs, None)
             if item is None or item[0] != self.addr:
-                raise DataError(f"stream shard {self.shard}: no document at address {self.addr} any more; the data "
-                                "changed since the checkpoint (restore it, or start a new --out)")
+                raise DataError(
+                    f"stream shard {self.shard}: no document at address {self.addr} any more; the data "
+                    "changed since the checkpoint (restore it, or start a new --out)"
+                )
             self._tokens = doc_tokens(self.tokenizer, item[1])
             return
         if self._docs is not None:
@@ -238,8 +246,10 @@ class _ShardPacker:
         self._docs = self.source.docs(self.shard, self.n_shards)
         item = next(self._docs, None)
         if item is None:
-            raise DataError(f"stream shard {self.shard} of {self.n_shards} holds no documents; "
-                            "use fewer --stream-shards or more data")
+            raise DataError(
+                f"stream shard {self.shard} of {self.n_shards} holds no documents; "
+                "use fewer --stream-shards or more data"
+            )
         self.addr, self._tokens, self.skip = item[0], doc_tokens(self.tokenizer, item[1]), 0
 
     def next_row(self) -> list[int]:
@@ -270,8 +280,10 @@ class TokenStream:
     def _open(self, ctx) -> dict[int, _ShardPacker]:
         if self._packers is None:
             if self.n_shards % ctx.world_size:
-                raise DataError(f"--stream-shards {self.n_shards} is not divisible by the {ctx.world_size} processes; "
-                                "a stream resumes on any number of processes that divides its shard count")
+                raise DataError(
+                    f"--stream-shards {self.n_shards} is not divisible by the {ctx.world_size} processes; "
+                    "a stream resumes on any number of processes that divides its shard count"
+                )
             self._packers = {}
             for j in range(ctx.rank, self.n_shards, ctx.world_size):
                 self._packers[j] = _ShardPacker(self.source, j, self.n_shards, self.tokenizer, self.seq_len)
@@ -284,8 +296,10 @@ class TokenStream:
         packers = self._open(ctx)
         start = index * batch_size
         if start != self.rows:
-            raise DataError(f"the stream is at row {self.rows} but batch {index} starts at row {start}; "
-                            "a stream is read in order from its checkpointed position")
+            raise DataError(
+                f"the stream is at row {self.rows} but batch {index} starts at row {start}; "
+                "a stream is read in order from its checkpointed position"
+            )
         out = []
         for k in range(start, start + batch_size)[ctx.rows(batch_size)]:
             packer = packers[k % self.n_shards]

@@ -246,7 +246,9 @@ class AttentionMaps:
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """h: (b, l, d) residual stream entering layer i -> attention weights (b, heads, l, l) fp32."""
         layer = self.teacher.model.layers[i]
-        sharded = hasattr(layer, "unshard")  # an FSDP2 teacher: its submodules are called here, not its forward
+        sharded = hasattr(
+            layer, "unshard"
+        )  # an FSDP2 teacher: its submodules are called here, not its forward
         if sharded:
             layer.unshard()
         try:

@@ -58,14 +58,21 @@ class TeacherStateCache:
             for j, i in enumerate(new):
                 self.rows[keys[i]] = (resid[j].clone(), None if attn is None else attn[j].clone())
         out_dtype = out_dtype or next(self.teacher.parameters()).dtype
-        resid = torch.stack([self.rows[k][0] for k in keys]).to(ids.device, out_dtype)  # (b, n_layer + 1, l, d)
-        attn = (torch.stack([self.rows[k][1] for k in keys]).to(ids.device, out_dtype)
-                if self.with_attn_out else None)
+        resid = torch.stack([self.rows[k][0] for k in keys]).to(
+            ids.device, out_dtype
+        )  # (b, n_layer + 1, l, d)
+        attn = (
+            torch.stack([self.rows[k][1] for k in keys]).to(ids.device, out_dtype)
+            if self.with_attn_out
+            else None
+        )
         return {
             "resid": list(resid.unbind(1)),
             "attn_out": list(attn.unbind(1)) if attn is not None else None,
         }
 
     def nbytes(self) -> int:
-        return sum(r.numel() * r.element_size() + (0 if a is None else a.numel() * a.element_size())
-                   for r, a in self.rows.values())
+        return sum(
+            r.numel() * r.element_size() + (0 if a is None else a.numel() * a.element_size())
+            for r, a in self.rows.values()
+        )

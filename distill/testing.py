@@ -25,8 +25,10 @@ def tiny_tokenizer():
     )
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CHAT_VOCAB = len(WORDS) + 7  # the tiny chat tokenizer's vocabulary (tiny_teacher(vocab_size=CHAT_VOCAB))
 
 
@@ -42,14 +44,24 @@ def tiny_chat_tokenizer():
         vocab[w] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
 def tiny_teacher(
-    hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0, tie: bool = True,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = True,
     vocab_size: int = len(WORDS) + 3,
 ):
     """A random LlamaForCausalLM (eval mode, frozen) over the tiny tokenizer's vocabulary (CHAT_VOCAB for the

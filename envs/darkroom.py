@@ -30,7 +30,9 @@ class DarkRoom(gym.Env):
         render_mode: str | None = None,
     ):
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}"
+            )
         self.render_mode = render_mode
         if reward not in REWARD_MODES:
             raise ValueError(f"reward must be one of {REWARD_MODES}, got {reward!r}")
@@ -75,7 +77,7 @@ class DarkRoom(gym.Env):
 def darkroom_optimal_return(
     goals, size: int = 9, horizon: int = 20, reward: str = "repeat", terminate_on_goal: bool = False
 ) -> np.ndarray:
-    """Closed form (reference §1.1): with repeated reward and no termination, 21 - d for d >= 1, 20 for d = 0
+    """Closed form (docs/equations.md §R1): with repeated reward and no termination, 21 - d for d >= 1, 20 for d = 0
     (generally horizon - d + 1, capped at horizon); otherwise 1 if the goal is reachable in time."""
     centre = (size // 2) * size + size // 2
     d = manhattan(np.asarray(goals), centre, size)

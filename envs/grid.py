@@ -59,4 +59,3 @@ def render_ansi(size: int, agent: int, marks: dict[int, str]) -> str:
             row[agent % size] = "A"
         rows.append(" ".join(row))
     return "\n".join(rows) + "\n"
-

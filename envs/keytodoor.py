@@ -17,10 +17,19 @@ class KeyToDoor(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(self, key=None, door=None, size: int = 9, horizon: int = 50, terminate_at_door: bool = True,
-                 render_mode: str | None = None):
+    def __init__(
+        self,
+        key=None,
+        door=None,
+        size: int = 9,
+        horizon: int = 50,
+        terminate_at_door: bool = True,
+        render_mode: str | None = None,
+    ):
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}"
+            )
         self.render_mode = render_mode
         if (key is None) != (door is None):
             raise ValueError("pass both key= and door=, or neither")
@@ -72,7 +81,7 @@ class KeyToDoor(gym.Env):
 def keytodoor_optimal_return(tasks, size: int = 9, horizon: int = 50) -> np.ndarray:
     """Expected optimal return over the uniform random start (start != key), tasks: (b, 2) [key, door].
     The key counts if reachable within the horizon, the door if start->key->door fits too; for 9x9 and 50
-    steps every path fits (<= 32 steps), so this is 2 (reference §1.2)."""
+    steps every path fits (<= 32 steps), so this is 2 (docs/equations.md §R2)."""
     tasks = np.asarray(tasks).reshape(-1, 2)
     cells = np.arange(size * size)
     out = np.empty(len(tasks))

@@ -78,19 +78,40 @@ def register_family(family: EnvFamily) -> None:
     FAMILIES[family.name] = family
 
 
-register_family(EnvFamily(
-    name="darkroom", gym_id="llamba/DarkRoom-v0", env=DarkRoom, batched=BatchedDarkRoom,
-    vector="llamba.envs.vector:DarkRoomVectorEnv", defaults={"size": 9, "horizon": 20},
-    options=frozenset({"size", "horizon", "reward", "terminate_on_goal"}), split=darkroom_split,
-    optimal=darkroom_optimal_return, optimal_options=frozenset({"size", "horizon", "reward", "terminate_on_goal"}),
-    task_kwargs=lambda task: {"goal": int(task)}, parse_task=to_cell, draw_tasks=_draw_goals))
-register_family(EnvFamily(
-    name="keytodoor", gym_id="llamba/KeyToDoor-v0", env=KeyToDoor, batched=BatchedKeyToDoor,
-    vector="llamba.envs.vector:KeyToDoorVectorEnv", defaults={"size": 9, "horizon": 50},
-    options=frozenset({"size", "horizon", "terminate_at_door"}), split=keytodoor_split,
-    optimal=keytodoor_optimal_return, optimal_options=frozenset({"size", "horizon"}),
-    task_kwargs=lambda task: {"key": int(task[0]), "door": int(task[1])},
-    parse_task=lambda task, size: [to_cell(c, size) for c in task], draw_tasks=_draw_pairs))
+register_family(
+    EnvFamily(
+        name="darkroom",
+        gym_id="llamba/DarkRoom-v0",
+        env=DarkRoom,
+        batched=BatchedDarkRoom,
+        vector="llamba.envs.vector:DarkRoomVectorEnv",
+        defaults={"size": 9, "horizon": 20},
+        options=frozenset({"size", "horizon", "reward", "terminate_on_goal"}),
+        split=darkroom_split,
+        optimal=darkroom_optimal_return,
+        optimal_options=frozenset({"size", "horizon", "reward", "terminate_on_goal"}),
+        task_kwargs=lambda task: {"goal": int(task)},
+        parse_task=to_cell,
+        draw_tasks=_draw_goals,
+    )
+)
+register_family(
+    EnvFamily(
+        name="keytodoor",
+        gym_id="llamba/KeyToDoor-v0",
+        env=KeyToDoor,
+        batched=BatchedKeyToDoor,
+        vector="llamba.envs.vector:KeyToDoorVectorEnv",
+        defaults={"size": 9, "horizon": 50},
+        options=frozenset({"size", "horizon", "terminate_at_door"}),
+        split=keytodoor_split,
+        optimal=keytodoor_optimal_return,
+        optimal_options=frozenset({"size", "horizon"}),
+        task_kwargs=lambda task: {"key": int(task[0]), "door": int(task[1])},
+        parse_task=lambda task, size: [to_cell(c, size) for c in task],
+        draw_tasks=_draw_pairs,
+    )
+)
 
 
 def family(name: str) -> EnvFamily:
@@ -106,8 +127,12 @@ def register_envs() -> None:
 
     for fam in FAMILIES.values():
         if fam.gym_id not in gym.registry:
-            gym.register(id=fam.gym_id, entry_point=fam.env, vector_entry_point=fam.vector,
-                         max_episode_steps=fam.defaults["horizon"])
+            gym.register(
+                id=fam.gym_id,
+                entry_point=fam.env,
+                vector_entry_point=fam.vector,
+                max_episode_steps=fam.defaults["horizon"],
+            )
 
 
 @dataclass

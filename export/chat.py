@@ -56,8 +56,10 @@ class MlxEngine:
         path = Path(path)
         check_export_config(path / "config.json")
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            raise ExportError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): an interrupted export? "
-                              "Delete it and re-run `llamba export mlx`")
+            raise ExportError(
+                f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): an interrupted export? "
+                "Delete it and re-run `llamba export mlx`"
+            )
         self._gen = mlx_generate
         self.model, self.tokenizer = mlx_generate.load(path)
 
@@ -110,20 +112,25 @@ def open_engine(path: str | Path, backend: str = "auto"):
     """backend 'auto' picks MLX for an exported directory (config.json names a model_file), else PyTorch."""
     path = Path(path)
     if not path.exists():
-        raise ExportError(f"--model {path} does not exist; point it at an exported MLX directory or a Llamba "
-                          "checkpoint")
+        raise ExportError(
+            f"--model {path} does not exist; point it at an exported MLX directory or a Llamba checkpoint"
+        )
     if not path.is_dir():
         raise ExportError(f"--model {path} is a file; point it at the directory holding config.json")
     if not (path / "config.json").is_file():
         stages = sorted(path.glob("stage[123]/config.json"))
         hint = f" (a distillation run? try --model {stages[-1].parent})" if stages else ""
-        raise ExportError(f"{path} has no config.json; point --model at an exported MLX directory or a "
-                          f"Llamba checkpoint{hint}")
+        raise ExportError(
+            f"{path} has no config.json; point --model at an exported MLX directory or a "
+            f"Llamba checkpoint{hint}"
+        )
     if backend == "auto":
         try:
             raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ExportError(f"{path / 'config.json'} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
+            raise ExportError(
+                f"{path / 'config.json'} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')})"
+            ) from None
         exported = isinstance(raw, dict) and "model_file" in raw
         backend = "mlx" if exported else "torch"
     return MlxEngine(path) if backend == "mlx" else TorchEngine(path)
@@ -146,7 +153,9 @@ class ChatSession:
 
     def __init__(self, engine, params: SamplingParams, system: str | None = None):
         self.engine, self.tokenizer, self.system = engine, engine.tokenizer, system
-        self.params = params.with_overrides(stop_token_ids=params.stop_token_ids or chat_stop_ids(self.tokenizer))
+        self.params = params.with_overrides(
+            stop_token_ids=params.stop_token_ids or chat_stop_ids(self.tokenizer)
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -168,7 +177,9 @@ class ChatSession:
             yield tok
         self.fed = full + answer
         content = [t for t in answer if t not in self.params.stop_token_ids]
-        self.messages.append({"role": "assistant", "content": self.tokenizer.decode(content, skip_special_tokens=True)})
+        self.messages.append(
+            {"role": "assistant", "content": self.tokenizer.decode(content, skip_special_tokens=True)}
+        )
 
 
 class TextStream:
@@ -184,5 +195,5 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
-        new, self.printed = text[len(self.printed):], text
+        new, self.printed = text[len(self.printed) :], text
         return new

@@ -66,8 +66,14 @@ def load_tokenizer(source: str | Path | None, model_path: Path):
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = None, q_group_size: int = 64,
-            dtype: str = "float16", tokenizer: str | Path | None = None) -> Path:
+def convert(
+    model_path: str | Path,
+    out_dir: str | Path,
+    q_bits: int | None = None,
+    q_group_size: int = 64,
+    dtype: str = "float16",
+    tokenizer: str | Path | None = None,
+) -> Path:
     """Export a Llamba checkpoint directory to an MLX model directory and return its path.
 
     q_bits: None (no quantization), 4 or 8 (affine, `mlx.nn.quantize`, group size q_group_size, which must divide
@@ -93,8 +99,11 @@ def convert(model_path: str | Path, out_dir: str | Path, q_bits: int | None = No
 
 def quantized_widths(config) -> dict[str, int]:
     """Input width of each kind of layer that quantization touches (all but norms, conv, D, z_bias, a_proj)."""
-    return {"embedding, in_proj, gate_proj, up_proj, lm_head": config.d_model, "out_proj": config.d_inner,
-            "down_proj": config.intermediate_size}
+    return {
+        "embedding, in_proj, gate_proj, up_proj, lm_head": config.d_model,
+        "out_proj": config.d_inner,
+        "down_proj": config.intermediate_size,
+    }
 
 
 def check_group_size(config, group_size: int) -> None:
@@ -105,8 +114,10 @@ def check_group_size(config, group_size: int) -> None:
         ok = [str(g) for g in Q_GROUP_SIZES if all(w % g == 0 for w in quantized_widths(config).values())]
         names = "; ".join(f"{name}: {w}" for name, w in bad.items())
         fix = f"use --q-group-size {' or '.join(ok)}" if ok else "export without --q-bits"
-        raise ExportError(f"--q-group-size {group_size} does not divide the input width of every quantized layer "
-                          f"({names}); {fix}")
+        raise ExportError(
+            f"--q-group-size {group_size} does not divide the input width of every quantized layer "
+            f"({names}); {fix}"
+        )
 
 
 def check_out(out: Path) -> None:
@@ -116,8 +127,9 @@ def check_out(out: Path) -> None:
         raise ExportError(f"--out {out} is a file; choose a new directory")
     if out.is_dir():
         if (out / "config.json").is_file() and not (out / "tokenizer_config.json").is_file():
-            raise ExportError(f"--out {out} holds an unfinished export (no tokenizer: interrupted?); delete it and "
-                              "re-run")
+            raise ExportError(
+                f"--out {out} holds an unfinished export (no tokenizer: interrupted?); delete it and re-run"
+            )
         if any(out.iterdir()):
             raise ExportError(f"--out {out} exists and is not empty; choose a new --out (or delete it)")
         return
@@ -129,13 +141,21 @@ def check_out(out: Path) -> None:
     try:
         out.mkdir(parents=True)
     except OSError as e:
-        raise ExportError(f"--out {out} cannot be created ({(e.strerror or type(e).__name__).lower()}); "
-                          "choose a writable directory") from None
+        raise ExportError(
+            f"--out {out} cannot be created ({(e.strerror or type(e).__name__).lower()}); "
+            "choose a writable directory"
+        ) from None
     shutil.rmtree(top)
 
 
-def _convert(model_path: Path, out: Path, q_bits: int | None, q_group_size: int, dtype: str,
-             tokenizer: str | Path | None) -> Path:
+def _convert(
+    model_path: Path,
+    out: Path,
+    q_bits: int | None,
+    q_group_size: int,
+    dtype: str,
+    tokenizer: str | Path | None,
+) -> Path:
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -151,20 +171,33 @@ def _convert(model_path: Path, out: Path, q_bits: int | None, q_group_size: int,
     args = model_args(config)
     tok = load_tokenizer(tokenizer, model_path)
     if len(tok) > args.vocab_size:
-        raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {args.vocab_size}; "
-                          "pass the tokenizer it was trained with (--tokenizer DIR)")
+        raise ExportError(
+            f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {args.vocab_size}; "
+            "pass the tokenizer it was trained with (--tokenizer DIR)"
+        )
 
     target = getattr(mx, dtype)
-    weights = {k: mx.array(v.detach().float().numpy()).astype(target) for k, v in torch_model.state_dict().items()}
+    weights = {
+        k: mx.array(v.detach().float().numpy()).astype(target) for k, v in torch_model.state_dict().items()
+    }
     del torch_model
     model = mlx_llamba.Model(args)
     model.load_weights(list(sanitize(weights, args).items()), strict=True)
     mlx_config = {k: getattr(args, k) for k in args.__dataclass_fields__}
-    mlx_config |= {"model_file": MODEL_FILE, "eos_token_id": config.eos_token_id,
-                   "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id, "torch_dtype": dtype}
+    mlx_config |= {
+        "model_file": MODEL_FILE,
+        "eos_token_id": config.eos_token_id,
+        "bos_token_id": config.bos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": dtype,
+    }
     if q_bits is not None:
-        nn.quantize(model, group_size=q_group_size, bits=q_bits,
-                    class_predicate=lambda p, m: mlx_llamba.quant_predicate(p, m, q_group_size))
+        nn.quantize(
+            model,
+            group_size=q_group_size,
+            bits=q_bits,
+            class_predicate=lambda p, m: mlx_llamba.quant_predicate(p, m, q_group_size),
+        )
         quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         mlx_config |= {"quantization": quant, "quantization_config": quant}
 
@@ -174,16 +207,21 @@ def _convert(model_path: Path, out: Path, q_bits: int | None, q_group_size: int,
         shutil.rmtree(stale, ignore_errors=True)
     try:
         with atomic_dir(out) as tmp:
-            mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                                metadata={"format": "mlx"})
+            mx.save_safetensors(
+                str(tmp / "model.safetensors"),
+                dict(tree_flatten(model.parameters())),
+                metadata={"format": "mlx"},
+            )
             (tmp / "config.json").write_text(json.dumps(mlx_config, indent=2) + "\n")
             shutil.copyfile(Path(mlx_llamba.__file__), tmp / MODEL_FILE)
             tok.save_pretrained(tmp)
             if tok.chat_template and not (tmp / "chat_template.jinja").exists():
                 (tmp / "chat_template.jinja").write_text(tok.chat_template)
     except (NotADirectoryError, PermissionError, FileNotFoundError) as e:
-        raise ExportError(f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
-                          "choose a writable directory path") from None
+        raise ExportError(
+            f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
+            "choose a writable directory path"
+        ) from None
     return out
 
 
@@ -191,4 +229,5 @@ def export_complete(out_dir: str | Path) -> bool:
     """True when out_dir is a finished export (every file convert() writes is there)."""
     out = Path(out_dir)
     return all((out / f).is_file() for f in ("config.json", "model.safetensors", MODEL_FILE)) and (
-        (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file())
+        (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    )

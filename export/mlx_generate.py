@@ -25,15 +25,19 @@ def load(path: str | Path, tokenizer: bool = True):
     path = Path(path)
     file = path / "config.json"
     if not file.is_file():
-        raise ExportError(f"{path} is not an exported MLX model (no config.json); create one with "
-                          "`llamba export mlx --model CKPT --out DIR`")
+        raise ExportError(
+            f"{path} is not an exported MLX model (no config.json); create one with "
+            "`llamba export mlx --model CKPT --out DIR`"
+        )
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if config.get("model_type") != "llamba" or config.get("model_file") != MODEL_FILE:
-        raise ExportError(f"{path} is not an MLX Llamba export (config.json lacks model_type 'llamba' and "
-                          f"model_file '{MODEL_FILE}'); for a PyTorch checkpoint use --backend torch")
+        raise ExportError(
+            f"{path} is not an MLX Llamba export (config.json lacks model_type 'llamba' and "
+            f"model_file '{MODEL_FILE}'); for a PyTorch checkpoint use --backend torch"
+        )
     weights_file = path / "model.safetensors"
     if not weights_file.is_file():
         raise ExportError(f"{path} has no model.safetensors; re-run `llamba export mlx`")
@@ -45,12 +49,19 @@ def load(path: str | Path, tokenizer: bool = True):
     model = mlx_llamba.Model(args)
     weights = model.sanitize(weights)
     if (quant := config.get("quantization")) is not None:
-        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"], mode=quant.get("mode", "affine"),
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
+        nn.quantize(
+            model,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            mode=quant.get("mode", "affine"),
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise ExportError(f"{path}: config.json does not match model.safetensors ({str(e).splitlines()[0]})") from None
+        raise ExportError(
+            f"{path}: config.json does not match model.safetensors ({str(e).splitlines()[0]})"
+        ) from None
     model.eval()
     mx.eval(model.parameters())
     tok = None
@@ -93,13 +104,16 @@ def process_logits(logits: mx.array, params: SamplingParams, context: mx.array |
         sorted_logits = mx.take_along_axis(logits, order, axis=-1)
         probs = mx.softmax(sorted_logits, axis=-1)
         mass_before = mx.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        drop = mx.put_along_axis(mx.zeros(logits.shape, mx.bool_), order, mass_before >= params.top_p, axis=-1)
+        drop = mx.put_along_axis(
+            mx.zeros(logits.shape, mx.bool_), order, mass_before >= params.top_p, axis=-1
+        )
         logits = mx.where(drop, -mx.inf, logits)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def sample_next_token(logits: mx.array, params: SamplingParams, key: mx.array | None = None,
-                      context: mx.array | None = None) -> mx.array:
+def sample_next_token(
+    logits: mx.array, params: SamplingParams, key: mx.array | None = None, context: mx.array | None = None
+) -> mx.array:
     """logits (b, v) -> tokens (b,). Greedy at temperature 0."""
     logprobs = process_logits(logits, params, context)
     if params.temperature == 0:
@@ -107,8 +121,13 @@ def sample_next_token(logits: mx.array, params: SamplingParams, key: mx.array | 
     return mx.random.categorical(logprobs, axis=-1, key=key)
 
 
-def stream_generate(model, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    state: MlxState | None = None, **overrides) -> Iterator[int]:
+def stream_generate(
+    model,
+    prompt_ids: Sequence[int],
+    params: SamplingParams | None = None,
+    state: MlxState | None = None,
+    **overrides,
+) -> Iterator[int]:
     """Yield sampled token ids one at a time (batch 1), like `llamba.generate.stream_generate`.
 
     `state` (optional) is updated in place with the prompt and every sampled token, the stop token included."""
@@ -139,6 +158,11 @@ def stream_generate(model, prompt_ids: Sequence[int], params: SamplingParams | N
             return
 
 
-def generate(model, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-             state: MlxState | None = None, **overrides) -> list[int]:
+def generate(
+    model,
+    prompt_ids: Sequence[int],
+    params: SamplingParams | None = None,
+    state: MlxState | None = None,
+    **overrides,
+) -> list[int]:
     return list(stream_generate(model, prompt_ids, params, state, **overrides))

@@ -6,7 +6,7 @@ so it is self-contained: absolute imports of mlx and mlx_lm only.
 Dimension letters: b batch, l sequence length, d model width, h value heads, g B/C head groups, p head dim,
 n state size, c chunks, q chunk length, k conv width, v vocab.
 
-Per layer (reference §1.3), with a_t = exp(-softplus(A_log_t)) and no Δ on B:
+Per layer (docs/equations.md §M2), with a_t = exp(-softplus(A_log_t)) and no Δ on B:
     H_t = a_t H_{t-1} + x_t B_t^T,   y_t = H_t C_t + D x_t,   out = out_proj(y * silu(z + z_bias))
 
 - Prefill (l > 1): the chunked SSD scan (`ssd_chunked`), continuing from the cache's state.
@@ -102,7 +102,9 @@ def ssd_chunked(x, log_decay, B, C, chunk_size: int, state=None):
     pad = (-l) % q
     c = (l + pad) // q
 
-    def chunks(t):  # (b, l, h, e) -> (b, c, h, q, e); padding with x = B = 0, log a = 0 leaves the state alone
+    def chunks(
+        t,
+    ):  # (b, l, h, e) -> (b, c, h, q, e); padding with x = B = 0, log a = 0 leaves the state alone
         t = mx.pad(t.astype(mx.float32), [(0, 0), (0, pad), (0, 0), (0, 0)])
         return t.reshape(b, c, q, h, t.shape[-1]).transpose(0, 1, 3, 2, 4)
 
@@ -184,15 +186,21 @@ def _metal_ssd_step(x, log_decay, B, C, state):
     global _metal_kernel
     if _metal_kernel is None:
         _metal_kernel = mx.fast.metal_kernel(
-            name="llamba_ssd_step", input_names=["x", "log_decay", "B", "C", "state_in"],
-            output_names=["y", "state_out"], source=_METAL_SOURCE)
+            name="llamba_ssd_step",
+            input_names=["x", "log_decay", "B", "C", "state_in"],
+            output_names=["y", "state_out"],
+            source=_METAL_SOURCE,
+        )
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     y, new_state = _metal_kernel(
         inputs=[x, log_decay.astype(mx.float32), B, C, state],
         template=[("H", h), ("G", g), ("P", p), ("N", n)],
-        grid=(b * h * p, 1, 1), threadgroup=(min(256, b * h * p), 1, 1),
-        output_shapes=[(b, h, p), state.shape], output_dtypes=[mx.float32, mx.float32])
+        grid=(b * h * p, 1, 1),
+        threadgroup=(min(256, b * h * p), 1, 1),
+        output_shapes=[(b, h, p), state.shape],
+        output_dtypes=[mx.float32, mx.float32],
+    )
     return y, new_state
 
 
@@ -215,8 +223,9 @@ class CausalConv(nn.Module):
         if bias:
             self.bias = mx.zeros((channels,))
 
-    def __call__(self, u: mx.array, window: mx.array | None, lengths: mx.array | None = None
-                 ) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self, u: mx.array, window: mx.array | None, lengths: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
         """u (b, l, conv_dim), window (b, k-1, conv_dim) past inputs or None -> y (b, l, conv_dim), new window.
         lengths (b,): real tokens per row of a right-padded batch; the new window ends at the last of them."""
         k = self.weight.shape[0]
@@ -225,12 +234,14 @@ class CausalConv(nn.Module):
         xs = mx.concatenate([past, u], axis=1)  # (b, k-1+l, d)
         y = xs[:, 0:l] * self.weight[0]
         for j in range(1, k):
-            y = y + xs[:, j:j + l] * self.weight[j]
+            y = y + xs[:, j : j + l] * self.weight[j]
         if "bias" in self:
             y = y + self.bias
         if lengths is None:
             return y, xs[:, l:]
-        starts = mx.clip(lengths, 0, l)  # window = xs[start : start + k-1] holds the k-1 inputs before `lengths`
+        starts = mx.clip(
+            lengths, 0, l
+        )  # window = xs[start : start + k-1] holds the k-1 inputs before `lengths`
         return y, mx.take_along_axis(xs, (starts[:, None] + mx.arange(k - 1))[..., None], axis=1)
 
 
@@ -247,7 +258,9 @@ class DiscreteMamba2(nn.Module):
         self.D = mx.ones((args.n_v_heads,))
         self.out_proj = nn.Linear(args.d_inner, args.d_model, bias=args.bias)
 
-    def __call__(self, u: mx.array, cache: ArraysCache | None = None, mask: mx.array | None = None) -> mx.array:
+    def __call__(
+        self, u: mx.array, cache: ArraysCache | None = None, mask: mx.array | None = None
+    ) -> mx.array:
         """u (b, l, d) -> (b, l, d). With a cache, continues from its state and updates it.
         mask (b, l) bool, False at padding: padded positions leave the state as it was."""
         b, l, _ = u.shape
@@ -276,7 +289,9 @@ class DiscreteMamba2(nn.Module):
         if cache is not None:
             cache[0], cache[1] = window, state
             if hasattr(cache, "advance"):
-                cache.advance(l)  # mlx-lm's padding bookkeeping (left_padding / lengths) moves past these tokens
+                cache.advance(
+                    l
+                )  # mlx-lm's padding bookkeeping (left_padding / lengths) moves past these tokens
         y = y.astype(u.dtype) + self.D[:, None].astype(u.dtype) * x
         gate = z + self.z_bias if "z_bias" in self else z
         return self.out_proj(y.reshape(b, l, a.d_inner) * nn.silu(gate))
@@ -303,7 +318,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.d_model, eps=args.norm_eps)
         self.mlp = MLP(args)
 
-    def __call__(self, x: mx.array, cache: ArraysCache | None = None, mask: mx.array | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: ArraysCache | None = None, mask: mx.array | None = None
+    ) -> mx.array:
         x = x + self.mixer(self.input_layernorm(x), cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -325,13 +342,18 @@ class Model(nn.Module):
         if not args.tie_embeddings:
             self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: list[ArraysCache] | None = None, num_last_tokens: int = 0,
-                 **_ignored) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[ArraysCache] | None = None, num_last_tokens: int = 0, **_ignored
+    ) -> mx.array:
         """inputs (b, l) token ids -> logits (b, l, v) in the weights' dtype, or (b, num_last_tokens, v).
         `cache` from `make_cache()` is updated in place; without one the call starts from a zero state."""
         x = self.backbone.embedding(inputs)
         # mlx-lm's batch padding mask (b, l), or None: every layer's cache holds the same padding bookkeeping.
-        mask = cache[0].make_mask(inputs.shape[1]) if cache is not None and hasattr(cache[0], "make_mask") else None
+        mask = (
+            cache[0].make_mask(inputs.shape[1])
+            if cache is not None and hasattr(cache[0], "make_mask")
+            else None
+        )
         for i, layer in enumerate(self.backbone.layers):
             x = layer(x, cache[i] if cache is not None else None, mask)
         if num_last_tokens > 0:  # prefill: the head over the whole prompt is wasted work

@@ -41,7 +41,7 @@ config_option = click.option(
     "--config",
     default=None,
     help="JSON config file or a shipped name (icrl/configs: darkroom, darkroom_cell, keytodoor, paper_darkroom, "
-         "paper_keytodoor, tiny); default: the env's.",
+    "paper_keytodoor, tiny); default: the env's.",
 )
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llamba.envs import EnvSpec
 from llamba.icrl.evaluate import EvalConfig
 from llamba.icrl.histories import DataConfig
@@ -45,7 +47,9 @@ class GridConfig:
         if not isinstance(self.budgets, list) or not self.budgets:
             raise ValueError("grid.budgets must be a non-empty list of data overrides")
         if not 0 < self.threshold <= 1:
-            raise ValueError(f"grid.threshold must be in (0, 1] (a fraction of the optimum), got {self.threshold}")
+            raise ValueError(
+                f"grid.threshold must be in (0, 1] (a fraction of the optimum), got {self.threshold}"
+            )
         for name, over in self.methods.items():
             if not isinstance(over, dict):
                 raise ValueError(f"grid.methods[{name!r}] must be an object of model overrides")
@@ -112,8 +116,6 @@ def _check_keys(section: str, given: dict, cls) -> None:
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-section checks of a loaded config: env ranges, every budget's data and split, every method's model
     (with the first draw), and histories long enough for the context window."""
-    from llamba.icrl.runner import draw_hparams, method_model_config
-
     spec = cfg.spec
     for name, low in (("size", 2), ("horizon", 1)):
         v = spec.kwargs.get(name)
@@ -127,7 +129,9 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ValueError(f"grid.budgets[{i}]: {e}") from None
         if d.n_test_tasks < 1:
             raise ValueError("data.n_test_tasks must be >= 1 for a grid (runs are scored on held-out tasks)")
-        spec.split(d.n_train_tasks, d.n_test_tasks, seed=d.split_seed)  # raises when the env has too few tasks
+        spec.split(
+            d.n_train_tasks, d.n_test_tasks, seed=d.split_seed
+        )  # raises when the env has too few tasks
         kept = -(-d.episodes_per_history // d.subsample)
         if spec.name == "darkroom" and kept * spec.horizon < cfg.model.seq_len:
             raise ValueError(
@@ -204,3 +208,36 @@ def load_config(env: str, config: str | None = None) -> ExperimentConfig:
     cfg = ExperimentConfig(spec, model=model, context_episodes=context, raw=raw.get("model", {}), **parts)
     validate(cfg)
     return cfg
+
+
+# Hyperparameter draws of a grid (grid.search), and the model config of one method under one draw.
+def draw_hparams(search: dict[str, list], seed: int, draw: int) -> dict[str, object]:
+    """One random assignment: {"train.lr": 1e-3, ...}. Keys are drawn in sorted order from one stream."""
+    rng = np.random.default_rng([seed, draw])
+    out = {}
+    for key in sorted(search):
+        kind, *args = search[key]
+        if kind == "log":
+            out[key] = float(np.exp(rng.uniform(np.log(args[0]), np.log(args[1]))))
+        elif kind == "uniform":
+            out[key] = float(rng.uniform(args[0], args[1]))
+        else:
+            out[key] = args[0][int(rng.integers(len(args[0])))]
+    return out
+
+
+def section_values(hp: dict, section: str) -> dict:
+    """The drawn keys of one config section, without the prefix: {"train.lr": x} -> {"lr": x} for "train"."""
+    return {k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith(section + ".")}
+
+
+def method_model_config(cfg: ExperimentConfig, method_overrides: dict, hp: dict):
+    """The model config of one method under one draw: the config's model section, the method's overrides, then
+    the drawn model.* keys (n-gram keys only for methods with n-gram layers; a drawn layer position replaces the
+    method's default)."""
+    model_hp = section_values(hp, "model")
+    if not method_overrides.get("ngram_layers"):  # plain AD: n-gram keys are drawn but have no effect
+        model_hp = {k: v for k, v in model_hp.items() if not k.startswith("ngram")}
+    elif "ngram_layers" in model_hp:
+        model_hp["ngram_layers"] = list(model_hp["ngram_layers"])
+    return cfg.model_config(**{**method_overrides, **model_hp})

@@ -70,6 +70,20 @@ def in_context_returns(model: ADTransformer, spec: EnvSpec, tasks: np.ndarray, c
     return returns
 
 
+def random_returns(spec: EnvSpec, tasks: np.ndarray, episodes: int, seed: int = 0) -> np.ndarray:
+    """The uniform random policy on the same tasks and episode count: tasks (b,) or (b, 2) -> returns
+    (b, episodes). The floor a trained model has to clear (it has no context, so every episode is alike)."""
+    rng = np.random.default_rng(seed)
+    env = spec.batched(tasks)
+    returns = np.zeros((env.b, episodes))
+    for e in range(episodes):
+        env.reset(rng)
+        while not env.done.all():
+            _, rew, _, _ = env.step(rng.integers(0, spec.num_actions, size=env.b))  # finished envs pay 0
+            returns[:, e] += rew
+    return returns
+
+
 @torch.no_grad()
 def heldout_loss(model: ADTransformer, h, windows: int = 256, seed: int = 0) -> float:
     """Mean action cross-entropy on seeded random windows of histories ``h`` (e.g. recorded on held-out tasks):

@@ -1,4 +1,4 @@
-"""The fixed n-gram successor matrix (reference §4.3) and the keys it matches on.
+"""The fixed n-gram successor matrix (docs/equations.md §R3) and the keys it matches on.
 
 Position t holds token x_t = (a_{t-1}, r_{t-1}, s_t) and predicts a_t. For order n,
     M[t, u] = 1  iff  u < t  and  x[t-k] == x[u-1-k] for k = 0..n-1  (all indices >= 0),

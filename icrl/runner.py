@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from llamba.atomic import atomic_write
-from llamba.icrl.config import ExperimentConfig
-from llamba.icrl.evaluate import heldout_loss, in_context_returns, score
+from llamba.icrl.config import ExperimentConfig, draw_hparams, method_model_config, section_values  # noqa: F401
+from llamba.icrl.evaluate import heldout_loss, in_context_returns, random_returns, score
 from llamba.icrl.histories import Histories, generate, improvement, learning_histories
 from llamba.icrl.metrics import efficiency_ratio, emp_band, share_at_least, sign_test
 from llamba.icrl.store import RunStore
@@ -30,37 +30,6 @@ from llamba.icrl.train import train
 
 EMP_N = 20  # EMP(n) is reported for n = 1..max(EMP_N, draws)
 GOOD = 0.5  # "a working config": share of draws scoring at least this
-
-
-def draw_hparams(search: dict[str, list], seed: int, draw: int) -> dict[str, object]:
-    """One random assignment: {"train.lr": 1e-3, ...}. Keys are drawn in sorted order from one stream."""
-    rng = np.random.default_rng([seed, draw])
-    out = {}
-    for key in sorted(search):
-        kind, *args = search[key]
-        if kind == "log":
-            out[key] = float(np.exp(rng.uniform(np.log(args[0]), np.log(args[1]))))
-        elif kind == "uniform":
-            out[key] = float(rng.uniform(args[0], args[1]))
-        else:
-            out[key] = args[0][int(rng.integers(len(args[0])))]
-    return out
-
-
-def _split(hp: dict, section: str) -> dict:
-    return {k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith(section + ".")}
-
-
-def method_model_config(cfg: ExperimentConfig, method_overrides: dict, hp: dict):
-    """The model config of one method under one draw: the config's model section, the method's overrides, then
-    the drawn model.* keys (n-gram keys only for methods with n-gram layers; a drawn layer position replaces the
-    method's default)."""
-    model_hp = _split(hp, "model")
-    if not method_overrides.get("ngram_layers"):  # plain AD: n-gram keys are drawn but have no effect
-        model_hp = {k: v for k, v in model_hp.items() if not k.startswith("ngram")}
-    elif "ngram_layers" in model_hp:
-        model_hp["ngram_layers"] = list(model_hp["ngram_layers"])
-    return cfg.model_config(**{**method_overrides, **model_hp})
 
 
 def run_one(
@@ -77,7 +46,7 @@ def run_one(
     -> (row dict, normalised returns (tasks, episodes), model).
     ``test_h``: histories on the held-out tasks for the held-out imitation loss (skipped when None)."""
     model_cfg = method_model_config(cfg, method_overrides, hp)
-    train_cfg = replace(cfg.train, **_split(hp, "train"), seed=seed)
+    train_cfg = replace(cfg.train, **section_values(hp, "train"), seed=seed)
     t0 = time.time()
     model, losses = train(h, model_cfg, train_cfg, progress)
     t_train = time.time() - t0
@@ -255,12 +224,24 @@ def report(cfg: ExperimentConfig, out: str | Path, repair: bool = False) -> dict
     rows = [done[k]["row"] for k in keys]
     curves = {k: np.asarray(done[k]["curve"]) for k in keys}
     summary = summarize(rows, cfg.grid.threshold, n_max=max(EMP_N, cfg.grid.draws))
-    summary["runs_done"], summary["runs_total"] = len(rows), (
-        len(cfg.grid.methods) * len(cfg.grid.budgets) * cfg.grid.draws
+    summary["runs_done"], summary["runs_total"] = (
+        len(rows),
+        (len(cfg.grid.methods) * len(cfg.grid.budgets) * cfg.grid.draws),
     )
+    summary["random"] = random_baseline(cfg)
     write_results(out, rows, summary, cfg)
     plot_results(out, rows, curves, summary, cfg.spec.name)
     return summary
+
+
+def random_baseline(cfg: ExperimentConfig) -> dict:
+    """The uniform random policy on the grid's held-out tasks (those of the first budget; every budget of a
+    split seed shares them), scored like a run: its score and its mean normalised return per episode."""
+    d = replace(cfg.data, **cfg.grid.budgets[0])
+    _, test = cfg.spec.split(d.n_train_tasks, d.n_test_tasks, seed=d.split_seed)
+    returns = random_returns(cfg.spec, test, cfg.eval.episodes, cfg.eval.seed)  # (tasks, episodes)
+    norm = returns / cfg.spec.optimal_return(test)[:, None]
+    return {"score": float(norm[:, -cfg.eval.last_k :].mean()), "mean": float(norm.mean())}
 
 
 def summarize(rows: list[dict], threshold: float, n_max: int = EMP_N) -> dict:
@@ -270,7 +251,13 @@ def summarize(rows: list[dict], threshold: float, n_max: int = EMP_N) -> dict:
     interval."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({r["budget"] for r in rows})
-    out = {"threshold": threshold, "good": GOOD, "cells": [], "sign_tests": [], "transitions_to_threshold": {}}
+    out = {
+        "threshold": threshold,
+        "good": GOOD,
+        "cells": [],
+        "sign_tests": [],
+        "transitions_to_threshold": {},
+    }
     by = {(r["method"], r["budget"], r["draw"]): r for r in rows}
     for method in methods:
         reached = None
@@ -300,7 +287,9 @@ def summarize(rows: list[dict], threshold: float, n_max: int = EMP_N) -> dict:
         out["transitions_to_threshold"][method] = reached
     base = methods[0]
     # paired draws: those finished for every method at every budget
-    common = sorted(set.intersection(*({k[2] for k in by if k[:2] == (m, b)} for m in methods for b in budgets)))
+    common = sorted(
+        set.intersection(*({k[2] for k in by if k[:2] == (m, b)} for m in methods for b in budgets))
+    )
     out["paired_draws"] = len(common)
     for b in budgets:
         for m in methods[1:]:
@@ -347,7 +336,9 @@ def write_results(out: Path, rows: list[dict], summary: dict, cfg: ExperimentCon
     w.writeheader()
     w.writerows(rows)
     atomic_write(out / "results.csv", buf.getvalue())
-    atomic_write(out / "summary.json", json.dumps({**summary, "config": run_spec(cfg)}, indent=1, default=str))
+    atomic_write(
+        out / "summary.json", json.dumps({**summary, "config": run_spec(cfg)}, indent=1, default=str)
+    )
     atomic_write(out / "results.md", markdown_table(summary, cfg))
 
 
@@ -392,12 +383,19 @@ def markdown_table(summary: dict, cfg: ExperimentConfig | None = None) -> str:
             f"{at(c, 5)} | {at(c, 20)} |"
         )
     if summary["sign_tests"]:
-        lines += ["", "Paired sign tests (same draw, same data): wins / losses / ties against the baseline.", ""]
+        lines += [
+            "",
+            "Paired sign tests (same draw, same data): wins / losses / ties against the baseline.",
+            "",
+        ]
         for t in summary["sign_tests"]:
             lines.append(
                 f"- budget {t['budget']}: {t['method']} vs {t['baseline']}: {t['wins']} / {t['losses']} / "
                 f"{t['ties']} of {t['pairs']} pairs, two-sided p = {t['p']:.3g}"
             )
+    if "random" in summary:
+        random_score = summary["random"]["score"]
+        lines += ["", f"A uniform random policy scores {random_score:.3f} on the same tasks and episodes."]
     lines += ["", f"Transitions to reach {summary['threshold']:.0%} of the optimal return (best draw):", ""]
     for method, t in summary["transitions_to_threshold"].items():
         lines.append(f"- {method}: {'not reached' if t is None else f'{t:,}'}")
@@ -445,6 +443,28 @@ def plot_results(out: Path, rows: list[dict], curves: dict, summary: dict, env: 
     fig.suptitle(f"{env}: in-context return on held-out tasks")
     fig.tight_layout()
     _save(fig, out / "return_vs_episode.png")
+    plt.close(fig)
+    # 1b. the same over all draws (seeds): mean with a min-max band, and the random policy
+    size = (max(6, 4 * len(budgets)), 3.6)
+    fig, axes = plt.subplots(1, len(budgets), figsize=size, squeeze=False, sharey=True)
+    for ax, b in zip(axes[0], budgets, strict=True):
+        for m in methods:
+            cell = [r for r in rows if r["method"] == m and r["budget"] == b]
+            if not cell:
+                continue
+            cs = np.stack([curves[(m, b, r["draw"])] for r in cell])  # (draws, episodes)
+            x = np.arange(1, cs.shape[1] + 1)
+            line = ax.plot(x, cs.mean(0), label=f"{m} (mean of {len(cs)})")[0]
+            ax.fill_between(x, cs.min(0), cs.max(0), color=line.get_color(), alpha=0.2)
+        if "random" in summary:
+            ax.axhline(summary["random"]["mean"], color="grey", lw=0.8, ls=":", label="random policy")
+        ax.set_title(f"{cell[0]['n_train_tasks']} tasks, {cell[0]['transitions']:,} transitions", fontsize=9)
+        ax.set_xlabel("episode in context")
+    axes[0][0].set_ylabel("return / optimal")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{env}: in-context return on held-out tasks (mean, band min-max over draws)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, out / "return_vs_episode_draws.png")
     plt.close(fig)
     # 2. claim 1, data efficiency: EMP at 1, 5 and 20 draws vs training tasks, with bands
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True)

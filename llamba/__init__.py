@@ -77,5 +77,7 @@ class _AutoRegistrar(importlib.abc.MetaPathFinder):
 for _theirs, _ours in _AUTO_MODULES.items():
     if _theirs in sys.modules:
         importlib.import_module(_ours)
-if not all(m in sys.modules for m in _AUTO_MODULES) and not any(isinstance(f, _AutoRegistrar) for f in sys.meta_path):
+if not all(m in sys.modules for m in _AUTO_MODULES) and not any(
+    isinstance(f, _AutoRegistrar) for f in sys.meta_path
+):
     sys.meta_path.insert(0, _AutoRegistrar())

@@ -21,12 +21,28 @@ class LlambaState:
     last_logits: torch.Tensor | None = None  # (b, v) fp32: the prediction after the last token read, if kept
 
     @classmethod
-    def alloc(cls, config: LlambaConfig, batch_size: int = 1, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> LlambaState:
-        conv = [torch.zeros(batch_size, config.conv_dim, config.d_conv - 1, device=device, dtype=dtype)
-                for _ in range(config.n_layer)]
-        ssm = [torch.zeros(batch_size, config.n_v_heads, config.headdim, config.d_state, device=device,
-                           dtype=torch.float32) for _ in range(config.n_layer)]
+    def alloc(
+        cls,
+        config: LlambaConfig,
+        batch_size: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> LlambaState:
+        conv = [
+            torch.zeros(batch_size, config.conv_dim, config.d_conv - 1, device=device, dtype=dtype)
+            for _ in range(config.n_layer)
+        ]
+        ssm = [
+            torch.zeros(
+                batch_size,
+                config.n_v_heads,
+                config.headdim,
+                config.d_state,
+                device=device,
+                dtype=torch.float32,
+            )
+            for _ in range(config.n_layer)
+        ]
         return cls(conv, ssm)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,17 +15,41 @@ from pathlib import Path
 import torch
 
 from llamba.atomic import atomic_dir, atomic_write
+from llamba.card import model_card
 from llamba.config import ConfigError, LlambaConfig
 from llamba.errors import LlambaError, one_line
 from llamba.model import LlambaForCausalLM, register_auto_classes  # noqa: F401  (re-exported)
 
-REQUIRED_FIELDS = ("vocab_size", "d_model", "n_layer", "intermediate_size", "d_state", "n_v_heads", "n_qk_heads")
-CARTESIA_SSM_KEYS = {"d_state", "n_v_heads", "n_qk_heads", "expand", "chunk_size", "activation", "bias",
-                     "d_conv", "conv_bias"}
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layer",
+    "intermediate_size",
+    "d_state",
+    "n_v_heads",
+    "n_qk_heads",
+)
+CARTESIA_SSM_KEYS = {
+    "d_state",
+    "n_v_heads",
+    "n_qk_heads",
+    "expand",
+    "chunk_size",
+    "activation",
+    "bias",
+    "d_conv",
+    "conv_bias",
+}
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 class CheckpointError(LlambaError, ValueError):
@@ -46,19 +70,27 @@ def read_config(path: str | Path) -> tuple[LlambaConfig, str]:
     """config.json of either layout -> (LlambaConfig, 'llamba' | 'cartesia')."""
     file = Path(path) / "config.json"
     if not Path(path).exists():
-        raise CheckpointError(f"{path} does not exist (no config.json); point --model at a Llamba checkpoint directory")
+        raise CheckpointError(
+            f"{path} does not exist (no config.json); point --model at a Llamba checkpoint directory"
+        )
     if not Path(path).is_dir():
-        raise CheckpointError(f"{path} is a file, not a checkpoint directory; point --model at the directory holding "
-                              "config.json and the weights")
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint directory; point --model at the directory holding "
+            "config.json and the weights"
+        )
     if not file.is_file():
         stages = sorted(Path(path).glob("stage[123]/config.json"))
         hint = f" (a distillation run? try --model {stages[-1].parent})" if stages else ""
-        raise CheckpointError(f"{path} has no config.json; point --model at a Llamba checkpoint directory{hint}")
+        raise CheckpointError(
+            f"{path} has no config.json; point --model at a Llamba checkpoint directory{hint}"
+        )
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise CheckpointError(f"{file} is not valid JSON ({where}); re-save or re-download the checkpoint") from None
+        raise CheckpointError(
+            f"{file} is not valid JSON ({where}); re-save or re-download the checkpoint"
+        ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields")
     try:
@@ -68,11 +100,15 @@ def read_config(path: str | Path) -> tuple[LlambaConfig, str]:
             _refuse_misspelled(file, raw["ssm_cfg"], CARTESIA_SSM_KEYS, "ssm_cfg.")
             return LlambaConfig.from_cartesia_dict(raw), "cartesia"
         if "model_file" in raw:
-            raise CheckpointError(f"{file} is an MLX export; pass the PyTorch checkpoint it was exported from "
-                                  "(or use it with `llamba chat` / `llamba generate`)")
+            raise CheckpointError(
+                f"{file} is an MLX export; pass the PyTorch checkpoint it was exported from "
+                "(or use it with `llamba chat` / `llamba generate`)"
+            )
         if raw.get("model_type") != "llamba":
-            raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, not 'llamba'; "
-                                  "distill a Llama teacher first (llamba distill) or pass a Llamba checkpoint")
+            raise CheckpointError(
+                f"{file}: model_type is {raw.get('model_type')!r}, not 'llamba'; "
+                "distill a Llama teacher first (llamba distill) or pass a Llamba checkpoint"
+            )
         missing = [k for k in REQUIRED_FIELDS if k not in raw]
         if missing:
             raise CheckpointError(f"{file} is missing required field {missing[0]!r}")
@@ -100,8 +136,10 @@ def _refuse_misspelled(file: Path, raw: dict, valid: set[str], prefix: str = "")
             continue
         close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.85)
         if close:
-            raise CheckpointError(f"{file}: unknown config key {prefix}{key!r} (did you mean {prefix}{close[0]!r}?); "
-                                  f"valid keys: {', '.join(sorted(valid))}")
+            raise CheckpointError(
+                f"{file}: unknown config key {prefix}{key!r} (did you mean {prefix}{close[0]!r}?); "
+                f"valid keys: {', '.join(sorted(valid))}"
+            )
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
@@ -119,16 +157,26 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, P
     origin: dict[str, Path] = {}
     for f in files:
         try:
-            part = load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+            part = (
+                load_file(f)
+                if f.suffix == ".safetensors"
+                else torch.load(f, map_location="cpu", weights_only=True)
+            )
         except Exception as e:  # truncated or corrupt file: name it, no traceback
-            raise CheckpointError(f"{f} is corrupt or truncated ({type(e).__name__}); re-save or re-download it") from None
+            raise CheckpointError(
+                f"{f} is corrupt or truncated ({type(e).__name__}); re-save or re-download it"
+            ) from None
         weights.update(part)
         origin.update(dict.fromkeys(part, f))
     return weights, origin
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               kernels: str = "auto") -> LlambaForCausalLM:
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    kernels: str = "auto",
+) -> LlambaForCausalLM:
     """Load a Llamba checkpoint of either layout. Shape or key mismatches raise CheckpointError."""
     torch_dtype = parse_dtype(dtype)
     config, layout = read_config(path)
@@ -142,11 +190,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         expected.pop("lm_head.weight", None)
     for name, tensor in weights.items():
         if name not in expected:
-            raise CheckpointError(f"{origin.get(name, path)}: unexpected weight {name!r} for this config (is "
-                                  "config.json the one saved with these weights?)")
+            raise CheckpointError(
+                f"{origin.get(name, path)}: unexpected weight {name!r} for this config (is "
+                "config.json the one saved with these weights?)"
+            )
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{origin.get(name, path)}: weight {name!r} has shape {tuple(tensor.shape)} but "
-                                  f"config.json implies {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{origin.get(name, path)}: weight {name!r} has shape {tuple(tensor.shape)} but "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise CheckpointError(f"{path}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
@@ -158,7 +210,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     return model
 
 
-def atomic_save(model: LlambaForCausalLM, out_dir: str | Path, tokenizer=None, extra_files: dict | None = None) -> Path:
+def atomic_save(
+    model: LlambaForCausalLM, out_dir: str | Path, tokenizer=None, extra_files: dict | None = None
+) -> Path:
     """save_pretrained into a temporary sibling, then rename (llamba.atomic): a crash never leaves a half-written
     checkpoint. extra_files: {name: JSON-serializable} written beside the weights."""
     out = Path(out_dir)
@@ -171,58 +225,13 @@ def atomic_save(model: LlambaForCausalLM, out_dir: str | Path, tokenizer=None, e
     return out
 
 
-# Generation-based checks on prompts that never entered training (distill/chat_eval.py), shown first on the card.
-CARD_METRICS = (
-    ("data", "distillation data", str),
-    ("fact_retained", "factual answers kept (of the teacher's right ones, greedy)", lambda v: f"{float(v):.0%}"),
-    ("chat_ppl_ratio", "chat perplexity ratio (teacher's sampled answers)", lambda v: f"{float(v):.2f}"),
-    ("prose_ppl_ratio", "general-prose perplexity ratio", lambda v: f"{float(v):.2f}"),
-    ("eos_rate", "answers that end (end-of-turn within 256 tokens)", lambda v: f"{float(v):.0%}"),
-)
-
-
-def model_card(config: LlambaConfig) -> str:
-    """README.md of a checkpoint: what it is, where it came from (config.distillation), how to load it."""
-    info = config.distillation or {}
-    teacher = info.get("teacher") or "unknown"
-    tokens = f"{int(info['tokens']):,}" if info.get("tokens") is not None else "unknown"
-    ratio = f"{float(info['ppl_ratio']):.3f}" if info.get("ppl_ratio") is not None else "not measured"
-    chat_rows = "".join(f"| {label} | {fmt(info[key])} |\n" for key, label, fmt in CARD_METRICS if info.get(key) is not None)
-    params = (config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
-              + config.n_layer * (config.d_model * (config.d_in_proj + config.d_inner + 3 * config.intermediate_size)))
-    return f"""---
-library_name: transformers
-tags: [llamba, mamba-2, distillation, recurrent]
----
-# Llamba student
-
-A recurrent Llamba model: the Llama skeleton with every attention block replaced by a discrete Mamba-2 mixer,
-distilled with MOHAWK (matrix orientation, hidden-state alignment, knowledge distillation).
-
-| | |
-|---|---|
-| teacher | {teacher} |
-| distillation budget (tokens) | {tokens} |
-{chat_rows}| held-out perplexity ratio (student / teacher), training-corpus split | {ratio} |
-| layers / width / heads / state | {config.n_layer} / {config.d_model} / {config.n_v_heads} / {config.d_state} |
-| parameters (approx.) | {params / 1e6:.1f}M |
-
-Decoding memory is constant in the context length: the whole context lives in a fixed-size recurrent state.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # or `import llamba` first
-tokenizer = AutoTokenizer.from_pretrained(DIR)
-out = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=32)
-```
-
-`configuration_llamba.py` and `modeling_llamba.py` are generated from the `llamba` package and need only torch
-and transformers.
-"""
-
-
-def record_distillation(path: str | Path, teacher: str | None = None, tokens: int | None = None,
-                        ppl_ratio: float | None = None, **metrics) -> None:
+def record_distillation(
+    path: str | Path,
+    teacher: str | None = None,
+    tokens: int | None = None,
+    ppl_ratio: float | None = None,
+    **metrics,
+) -> None:
     """Add what is known about a finished distillation to a checkpoint's config.json (`distillation`) and
     regenerate its model card. metrics: more values to keep (the chat report's, CARD_METRICS). Each file is
     replaced atomically; unknown values keep what was recorded."""

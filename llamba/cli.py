@@ -47,8 +47,10 @@ class LazyGroup(click.Group):
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:  # a missing optional dependency: say which and how to get it
-            raise click.ClickException(f"`llamba {name}` needs a package that is missing ({e}). "
-                                       "Install the project with `make setup` or `pip install -e '.[teacher,mlx]'`.") from e
+            raise click.ClickException(
+                f"`llamba {name}` needs a package that is missing ({e}). "
+                "Install the project with `make setup` or `pip install -e '.[teacher,mlx]'`."
+            ) from e
         return getattr(module, attr)
 
     def invoke(self, ctx: click.Context):

@@ -48,7 +48,7 @@ class LlambaConfig(PreTrainedConfig):
     tie_embeddings: bool = True
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    # Discrete Mamba-2 mixer (reference §1.1)
+    # Discrete Mamba-2 mixer (docs/equations.md §M1)
     d_state: int = 64  # N
     n_v_heads: int = 9  # h: value heads
     n_qk_heads: int = 9  # g: B/C heads; h % g == 0 (g < h shares B, C like GQA shares K, V)
@@ -103,8 +103,10 @@ class LlambaConfig(PreTrainedConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field `{name}` must be a positive integer, got {value!r}")
             if not low <= value <= high:
-                raise ConfigError(f"config field `{name}` is {value}, outside the supported range {low}..{high}; "
-                                  "the config is corrupt or not a Llamba config")
+                raise ConfigError(
+                    f"config field `{name}` is {value}, outside the supported range {low}..{high}; "
+                    "the config is corrupt or not a Llamba config"
+                )
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config field `{name}` must be true or false, got {getattr(self, name)!r}")
@@ -112,14 +114,22 @@ class LlambaConfig(PreTrainedConfig):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"config field `norm_eps` must be a number in (0, 1), got {eps!r}")
         if self.d_inner % self.n_v_heads:
-            raise ConfigError(f"d_inner = expand*d_model = {self.d_inner} is not divisible by n_v_heads = "
-                              f"{self.n_v_heads}; pick n_v_heads dividing it")
+            raise ConfigError(
+                f"d_inner = expand*d_model = {self.d_inner} is not divisible by n_v_heads = "
+                f"{self.n_v_heads}; pick n_v_heads dividing it"
+            )
         if self.n_v_heads % self.n_qk_heads:
-            raise ConfigError(f"n_v_heads = {self.n_v_heads} is not a multiple of n_qk_heads = {self.n_qk_heads}")
+            raise ConfigError(
+                f"n_v_heads = {self.n_v_heads} is not a multiple of n_qk_heads = {self.n_qk_heads}"
+            )
         if self.activation not in ("identity", "silu"):
-            raise ConfigError(f"config field `activation` must be 'identity' or 'silu', got {self.activation!r}")
+            raise ConfigError(
+                f"config field `activation` must be 'identity' or 'silu', got {self.activation!r}"
+            )
         if self.hidden_act != "silu":
-            raise ConfigError(f"config field `hidden_act` must be 'silu' (SwiGLU MLP), got {self.hidden_act!r}")
+            raise ConfigError(
+                f"config field `hidden_act` must be 'silu' (SwiGLU MLP), got {self.hidden_act!r}"
+            )
 
     # Conversions ---------------------------------------------------------------------------------
     @classmethod
@@ -131,8 +141,10 @@ class LlambaConfig(PreTrainedConfig):
         """
         model_type = getattr(llama, "model_type", None)
         if model_type != "llama":
-            raise ConfigError(f"teacher architecture is {model_type!r}, not 'llama'; "
-                              "Llamba distills LlamaForCausalLM teachers only")
+            raise ConfigError(
+                f"teacher architecture is {model_type!r}, not 'llama'; "
+                "Llamba distills LlamaForCausalLM teachers only"
+            )
         heads = llama.num_attention_heads
         head_dim = getattr(llama, "head_dim", None) or llama.hidden_size // heads
         eos = llama.eos_token_id
@@ -156,7 +168,7 @@ class LlambaConfig(PreTrainedConfig):
         return cls(**fields)
 
     def to_cartesia_dict(self) -> dict:
-        """The config.json layout of cartesia-ai's released Llamba checkpoints (reference §2.3)."""
+        """The config.json layout of cartesia-ai's released Llamba checkpoints (docs/equations.md §M5)."""
         return {
             "model_type": "llamba",
             "vocab_size": self.vocab_size,
@@ -167,7 +179,11 @@ class LlambaConfig(PreTrainedConfig):
             "n_layer": self.n_layer,
             "resid_dropout": 0.0,
             "norm_epsilon": self.norm_eps,
-            "mlp_cfg": {"intermediate_size": self.intermediate_size, "bias": self.mlp_bias, "act_fn": self.hidden_act},
+            "mlp_cfg": {
+                "intermediate_size": self.intermediate_size,
+                "bias": self.mlp_bias,
+                "act_fn": self.hidden_act,
+            },
             "ssm_cfg": {
                 "d_state": self.d_state,
                 "n_v_heads": self.n_v_heads,
@@ -213,8 +229,14 @@ class LlambaConfig(PreTrainedConfig):
         return cls(**{k: v for k, v in raw.items() if k != "model_type"})
 
     def known_keys(self) -> set[str]:
-        return {f.name for f in dataclasses.fields(self)} | {"architectures", "model_type", "transformers_version",
-                                                              "auto_map", "tie_word_embeddings", "dtype"}
+        return {f.name for f in dataclasses.fields(self)} | {
+            "architectures",
+            "model_type",
+            "transformers_version",
+            "auto_map",
+            "tie_word_embeddings",
+            "dtype",
+        }
 
 
 def register_auto_config() -> None:

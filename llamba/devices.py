@@ -31,14 +31,20 @@ def resolve_device(spec: str = "auto"):
         return torch.device("cpu")
     if kind == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DeviceError(f"--device {spec}: MPS is not available here (it needs macOS on Apple silicon and a "
-                              "PyTorch built with MPS); use --device cpu")
+            raise DeviceError(
+                f"--device {spec}: MPS is not available here (it needs macOS on Apple silicon and a "
+                "PyTorch built with MPS); use --device cpu"
+            )
         return torch.device("mps")
     if not torch.cuda.is_available():
-        raise DeviceError(f"--device {spec}: this machine has no usable CUDA GPU (torch.cuda.is_available() is "
-                          "False); use --device cpu or auto")
+        raise DeviceError(
+            f"--device {spec}: this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+            "False); use --device cpu or auto"
+        )
     count = torch.cuda.device_count()
     if index is not None and index >= count:
-        raise DeviceError(f"--device {spec}: this machine has {count} CUDA GPU{'s' * (count != 1)} "
-                          f"(cuda:0 ... cuda:{count - 1}); pick one of them")
+        raise DeviceError(
+            f"--device {spec}: this machine has {count} CUDA GPU{'s' * (count != 1)} "
+            f"(cuda:0 ... cuda:{count - 1}); pick one of them"
+        )
     return torch.device("cuda", index) if index is not None else torch.device("cuda")

@@ -32,6 +32,10 @@ class UsageError(LlambaError, ValueError):
     """A bad option or config value: the message names the option and what it accepts."""
 
 
+class DataError(LlambaError, ValueError):
+    """Bad `--data`: the one-line message names the file and the field."""
+
+
 class ResourceError(LlambaError, MemoryError):
     """Settings this machine cannot hold: the message says what to lower."""
 
@@ -79,7 +83,12 @@ def error_boundary() -> Iterator[None]:
     exits and Ctrl-C pass through unchanged."""
     try:
         yield
-    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+    except (
+        click.exceptions.ClickException,
+        click.exceptions.Exit,
+        click.exceptions.Abort,
+        KeyboardInterrupt,
+    ):
         raise
     except LlambaError as e:
         raise click.ClickException(one_line(e)) from None

@@ -46,7 +46,9 @@ class SamplingParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, context: torch.Tensor | None = None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, params: SamplingParams, context: torch.Tensor | None = None
+) -> torch.Tensor:
     """logits: (b, v) fp32, context: (b, t) token ids seen so far -> log-probabilities (b, v) after the
     repetition penalty, temperature, top-k and top-p (removed tokens get -inf). Order as in HF/mlx-lm."""
     logits = logits.float().clone()
@@ -84,8 +86,12 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                      context: torch.Tensor | None = None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    context: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits: (b, v) -> next tokens (b,). Greedy when temperature == 0."""
     logprobs = process_logits(logits, params, context)
     if params.temperature == 0:
@@ -99,8 +105,13 @@ def _as_ids(prompt_ids: Sequence[int] | torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stream_generate(model, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None,
-                    state: LlambaState | None = None, **overrides) -> Iterator[int]:
+def stream_generate(
+    model,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    params: SamplingParams | None = None,
+    state: LlambaState | None = None,
+    **overrides,
+) -> Iterator[int]:
     """Yield sampled token ids one at a time (batch 1).
 
     `state` (optional) is the context already read; it is updated in place with the prompt and every sampled
@@ -138,8 +149,13 @@ def stream_generate(model, prompt_ids: Sequence[int] | torch.Tensor, params: Sam
             return
 
 
-def generate(model, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None,
-             state: LlambaState | None = None, **overrides) -> list[int]:
+def generate(
+    model,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    params: SamplingParams | None = None,
+    state: LlambaState | None = None,
+    **overrides,
+) -> list[int]:
     """All tokens of `stream_generate` as a list."""
     return list(stream_generate(model, prompt_ids, params, state, **overrides))
 
@@ -149,7 +165,7 @@ def incremental_ids(fed: Sequence[int], full: Sequence[int]) -> list[int] | None
     the state has read) is a prefix of it, else None (the template re-wrote history: re-prefill)."""
     if len(fed) > len(full) or list(full[: len(fed)]) != list(fed):
         return None
-    return list(full[len(fed):])
+    return list(full[len(fed) :])
 
 
 def chat_stop_ids(tokenizer) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""The discrete Mamba-2 mixer of Llamba (reference §1): a multi-head SSM whose per-token decay comes straight
+"""The discrete Mamba-2 mixer of Llamba (docs/equations.md §M1-M2): a multi-head SSM whose per-token decay comes straight
 from the input, a_t = exp(-softplus(A_log_t)), with no Δ discretization.
 
 in_proj rows are ordered x | B | C | z | A_log (cartesia's layout, so released checkpoints load as they are);
@@ -14,7 +14,7 @@ from torch import nn
 from llamba.config import LlambaConfig
 from llamba.ops import causal_conv1d, causal_conv1d_step, materialize_mixer, ssd_chunked, ssd_step
 
-# silu(Z_IDENTITY) == 1 to 1e-13: with zero z rows the gate is the identity at init (reference §1.6).
+# silu(Z_IDENTITY) == 1 to 1e-13: with zero z rows the gate is the identity at init (docs/equations.md §M4).
 Z_IDENTITY = 1.278464542761
 
 
@@ -27,15 +27,21 @@ class DiscreteMamba2(nn.Module):
         self.p, self.n = config.headdim, config.d_state
         self.in_proj = nn.Linear(config.d_model, config.d_in_proj, bias=config.bias)
         self.z_bias = nn.Parameter(torch.zeros(self.d_inner)) if not config.bias else None
-        self.conv1d = nn.Conv1d(config.conv_dim, config.conv_dim, config.d_conv, groups=config.conv_dim,
-                                padding=config.d_conv - 1, bias=config.conv_bias)
+        self.conv1d = nn.Conv1d(
+            config.conv_dim,
+            config.conv_dim,
+            config.d_conv,
+            groups=config.conv_dim,
+            padding=config.d_conv - 1,
+            bias=config.conv_bias,
+        )
         self.D = nn.Parameter(torch.ones(self.h))
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
         self.kernels = "auto"  # set by LlambaForCausalLM.set_kernels
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Llamba recipe (reference §1.6): default Linear init, identity conv, identity gate, D = 1,
+        """Llamba recipe (docs/equations.md §M4): default Linear init, identity conv, identity gate, D = 1,
         out_proj scaled by 1/sqrt(n_layer) (GPT-2 style residual rescale)."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
@@ -79,10 +85,19 @@ class DiscreteMamba2(nn.Module):
         # xbc: (..., conv_dim) -> x (..., h, p), B (..., g, n), C (..., g, n)
         x, B, C = torch.split(xbc, [self.d_inner, self.g * self.n, self.g * self.n], dim=-1)
         lead = xbc.shape[:-1]
-        return x.reshape(*lead, self.h, self.p), B.reshape(*lead, self.g, self.n), C.reshape(*lead, self.g, self.n)
+        return (
+            x.reshape(*lead, self.h, self.p),
+            B.reshape(*lead, self.g, self.n),
+            C.reshape(*lead, self.g, self.n),
+        )
 
-    def forward(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                return_matrix: bool = False, mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        u: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_matrix: bool = False,
+        mask: torch.Tensor | None = None,
+    ):
         """u: (b, l, d); state: (conv (b, conv_dim, k-1), ssm (b, h, p, n)) to continue from, or None;
         mask: (b, l), 0 at padding. Padded positions leave the state as it was: their conv input is zero
         (a left-padded window looks like a fresh one) and their decay is 1 with x = 0 (the SSM state is held).
@@ -96,8 +111,9 @@ class DiscreteMamba2(nn.Module):
         keep = mask.to(xbc.dtype)[..., None] if mask is not None else None  # (b, l, 1)
         if keep is not None:
             xbc = xbc * keep
-        xbc, conv_state = causal_conv1d(xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias,
-                                        conv_state, kernels=self.kernels)
+        xbc, conv_state = causal_conv1d(
+            xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, kernels=self.kernels
+        )
         xbc = xbc.transpose(1, 2)  # (b, l, conv_dim)
         if self.config.activation == "silu":
             xbc = F.silu(xbc)
@@ -107,8 +123,9 @@ class DiscreteMamba2(nn.Module):
         log_decay = -F.softplus(a_log.float())  # (b, l, h): log a_t
         if keep is not None:
             log_decay = log_decay * keep.float()
-        y, ssm_state = ssd_chunked(x, log_decay, B, C, self.config.chunk_size, initial_state=ssm_state,
-                                   kernels=self.kernels)
+        y, ssm_state = ssd_chunked(
+            x, log_decay, B, C, self.config.chunk_size, initial_state=ssm_state, kernels=self.kernels
+        )
         y = y + self.D[:, None].to(y.dtype) * x
         y = y.reshape(b, l, self.d_inner) * F.silu(z + self._gate_bias())
         out = self.out_proj(y)
@@ -120,8 +137,9 @@ class DiscreteMamba2(nn.Module):
         proj = self.in_proj(u)
         xbc, z, a_log = torch.split(proj, [self.config.conv_dim, self.d_inner, self.h], dim=-1)
         conv_state, ssm_state = state
-        xbc, conv_state = causal_conv1d_step(xbc, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
-                                             kernels=self.kernels)
+        xbc, conv_state = causal_conv1d_step(
+            xbc, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, kernels=self.kernels
+        )
         if self.config.activation == "silu":
             xbc = F.silu(xbc)
         x, B, C = self._split_xbc(xbc)

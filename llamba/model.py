@@ -64,11 +64,19 @@ class LlambaBlock(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = LlambaMLP(config)
 
-    def forward(self, h: torch.Tensor, state=None, run_mlp: bool = True, return_matrix: bool = False,
-                mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        h: torch.Tensor,
+        state=None,
+        run_mlp: bool = True,
+        return_matrix: bool = False,
+        mask: torch.Tensor | None = None,
+    ):
         """h: (b, l, d) -> (h', new mixer state, mixing matrix or None). With run_mlp=False, h' is the
         mixer output alone (no residual): what stage 1 and mixer-only stage 2 compare. mask: (b, l), 0 = padding."""
-        mixed, new_state, matrix = self.mixer(self.input_layernorm(h), state, return_matrix=return_matrix, mask=mask)
+        mixed, new_state, matrix = self.mixer(
+            self.input_layernorm(h), state, return_matrix=return_matrix, mask=mask
+        )
         if not run_mlp:
             return mixed, new_state, matrix
         h = h + mixed
@@ -151,11 +159,21 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
     def alloc_state(self, batch_size: int = 1) -> LlambaState:
         return LlambaState.alloc(self.config, batch_size, self.device, self.dtype)
 
-    def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
-                state: LlambaState | None = None, output_hidden_states: bool = False, num_last_tokens: int = 0,
-                attention_mask: torch.Tensor | None = None, cache: LlambaState | None = None,
-                use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
-                return_residuals: bool = False, **_ignored) -> LlambaOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        state: LlambaState | None = None,
+        output_hidden_states: bool = False,
+        num_last_tokens: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        cache: LlambaState | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_residuals: bool = False,
+        **_ignored,
+    ) -> LlambaOutput:
         """input_ids: (b, l) (or inputs_embeds: (b, l, d)). With `state` (alias `cache`), continues from it
         (prefill / multi-turn) and updates it in place; use_cache=True without one starts a new state.
         attention_mask: (b, t >= l) 1 = token, 0 = padding; its last l columns mask this call's tokens, and
@@ -164,9 +182,15 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         the last logits. return_residuals: also return every residual stream before the final norm
         (`residuals`)."""
         state = state if state is not None else cache
-        if (state is not None and inputs_embeds is None and input_ids.shape[1] == 1 and labels is None
-                and not output_hidden_states and not torch.is_grad_enabled()
-                and (attention_mask is None or bool(attention_mask[:, -1].all()))):
+        if (
+            state is not None
+            and inputs_embeds is None
+            and input_ids.shape[1] == 1
+            and labels is None
+            and not output_hidden_states
+            and not torch.is_grad_enabled()
+            and (attention_mask is None or bool(attention_mask[:, -1].all()))
+        ):
             # One new token on a state (generate's decode steps): the O(1) recurrent step, as llamba.generate.
             logits = self.step(input_ids[:, 0], state)[:, None]
             return LlambaOutput(logits=logits, state=state, cache=state)
@@ -175,18 +199,10 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
             state = self.alloc_state(h.shape[0])
         mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            mask = attention_mask[:, -h.shape[1]:]
+            mask = attention_mask[:, -h.shape[1] :]
         hidden = [h] if output_hidden_states else None
         resid = [h] if return_residuals else None
-        for i, block in enumerate(self.backbone.layers):
-            h, new_state, _ = block(h, state.layer(i) if state is not None else None, mask=mask)
-            if state is not None:
-                state.update(i, new_state)
-            if output_hidden_states:
-                hidden.append(h)
-            if return_residuals:
-                resid.append(h)
-        h = self.backbone.final_layernorm(h)
+        h = self._blocks(h, state, mask, hidden, resid)
         if output_hidden_states:
             hidden[-1] = h  # HF convention: the last entry is after the final norm
         if state is not None:
@@ -197,13 +213,49 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
-        return LlambaOutput(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None, state=state,
-                            cache=state, residuals=tuple(resid) if resid else None)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return LlambaOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(hidden) if hidden else None,
+            state=state,
+            cache=state,
+            residuals=tuple(resid) if resid else None,
+        )
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: LlambaState | None = None,
-                                      attention_mask: torch.Tensor | None = None, **kwargs) -> dict:
+    def _blocks(
+        self,
+        h: torch.Tensor,
+        state: LlambaState | None = None,
+        mask: torch.Tensor | None = None,
+        hidden: list | None = None,
+        resid: list | None = None,
+    ) -> torch.Tensor:
+        """h: (b, l, d) embeddings -> (b, l, d) after every block and the final norm; updates `state` per layer and
+        appends each block's output to `hidden` / `resid` when given."""
+        for i, block in enumerate(self.backbone.layers):
+            h, new_state, _ = block(h, state.layer(i) if state is not None else None, mask=mask)
+            if state is not None:
+                state.update(i, new_state)
+            for out in (hidden, resid):
+                if out is not None:
+                    out.append(h)
+        return self.backbone.final_layernorm(h)
+
+    def final_hidden(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """input_ids: (b, l) -> (b, l, d): the last hidden state after the final norm, no state, no logits (what
+        stage 3 feeds to its fused head + KD loss, so the (b, l, vocab) logits never materialize)."""
+        return self._blocks(self.backbone.embedding(input_ids))
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: LlambaState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
         """After the prompt only the last token is fed (the state holds the rest); the mask then has no
         padding left to apply, so it is dropped."""
         if cache is not None and cache.seqlen > 0:
@@ -225,7 +277,7 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """transformers' save_pretrained, plus what makes the directory usable anywhere: `auto_map` with the
         flattened remote-code files (llamba.remote_code) and a model card (README.md) from the config."""
-        from llamba.checkpoints import model_card
+        from llamba.card import model_card
         from llamba.remote_code import AUTO_MAP, write_remote_code
 
         self.config.auto_map = dict(AUTO_MAP)
@@ -278,7 +330,11 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         # into its conv window, inference mode leaves inference tensors).
         for tensors in (state.conv, state.ssm):
             for i, t in enumerate(tensors):
-                if not t.is_contiguous() or t.requires_grad or (t.is_inference() and not torch.is_inference_mode_enabled()):
+                if (
+                    not t.is_contiguous()
+                    or t.requires_grad
+                    or (t.is_inference() and not torch.is_inference_mode_enabled())
+                ):
                     tensors[i] = t.detach().clone(memory_format=torch.contiguous_format)
         try:
             if compiled["fn"] is None:
@@ -287,8 +343,10 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         except Exception as e:  # no C++ compiler, unsupported op or platform: eager from now on
             self.__dict__["_compiled_step"] = None
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {first}); decoding "
-                          "eagerly", stacklevel=3)
+            warnings.warn(
+                f"torch.compile of the decode step failed ({type(e).__name__}: {first}); decoding eagerly",
+                stacklevel=3,
+            )
             return None
 
 

@@ -1,6 +1,6 @@
 """Scans of the discrete Mamba-2 mixer: the pure-PyTorch reference paths and the CUDA kernel path, side by side.
 
-The recurrence (reference §1.3), per value head h and token t, with x_t in R^p and B_t, C_t in R^n:
+The recurrence (docs/equations.md §M2), per value head h and token t, with x_t in R^p and B_t, C_t in R^n:
 
     H_t = a_t * H_{t-1} + x_t B_t^T        a_t = exp(log_decay_t) = exp(-softplus(A_log_t)),  H in R^{p x n}
     y_t = H_t C_t
@@ -69,8 +69,10 @@ def _cuda_import_error() -> str:
     install = "pip install 'llamba[cuda]' --no-build-isolation (CUDA GPU required)"
     if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in ("mamba_ssm", "causal_conv1d"):
         return f"kernels='cuda' needs mamba-ssm and causal-conv1d: {install}"
-    return (f"kernels='cuda': mamba-ssm / causal-conv1d are installed but failed to import "
-            f"({type(e).__name__}: {e}); reinstall them built for this torch and CUDA: {install}")
+    return (
+        f"kernels='cuda': mamba-ssm / causal-conv1d are installed but failed to import "
+        f"({type(e).__name__}: {e}); reinstall them built for this torch and CUDA: {install}"
+    )
 
 
 def cuda_kernels_available() -> bool:
@@ -86,8 +88,9 @@ def resolve_kernels(kernels: str, device: torch.device | str) -> str:
         if _cuda_kernels() is None:
             raise KernelsUnavailable(_cuda_import_error())
         if not on_gpu:
-            raise KernelsUnavailable("kernels='cuda' needs the model on a CUDA device; move it with .cuda() "
-                                     "or use kernels='torch'")
+            raise KernelsUnavailable(
+                "kernels='cuda' needs the model on a CUDA device; move it with .cuda() or use kernels='torch'"
+            )
         return "cuda"
     if kernels == "auto" and on_gpu and _cuda_kernels() is not None:
         return "cuda"
@@ -168,8 +171,11 @@ def _ssd_chunked_compiled(*args):
     except Exception as e:  # no compiler, unsupported platform, inductor bug: fall back for good
         _COMPILE["on"], _COMPILE["fn"] = False, None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        warnings.warn(f"torch.compile of the chunked scan failed ({type(e).__name__}: {first[:200]}); "
-                      "using the eager scan (call llamba.ops.use_compile(False) to silence this)", stacklevel=3)
+        warnings.warn(
+            f"torch.compile of the chunked scan failed ({type(e).__name__}: {first[:200]}); "
+            "using the eager scan (call llamba.ops.use_compile(False) to silence this)",
+            stacklevel=3,
+        )
         return _ssd_chunked_torch(*args)
 
 
@@ -197,7 +203,9 @@ def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):
     # 1. Inside each chunk: y = (L o C B^T) X. L[i, j] = exp(A_cum_i - A_cum_j) on and below the diagonal,
     #    masked to -inf before the exp (no overflow above it, so no inf * 0 in the backward); one buffer.
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril_()
-    L = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (b, c, h, q, q)
+    L = (
+        (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    )  # (b, c, h, q, q)
     CB = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)  # (b, c, g, q, q)
     scores = L.view(b, c, g, r, q, q) * CB[:, :, :, None]
     y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, X)  # (b, c, q, g, r, p)
@@ -225,7 +233,7 @@ def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):
 
 
 # The kernels compute H <- exp(dt*A) H + dt * B x'. With A = -1, dt = -log_decay = softplus(A_log) and
-# x' = x / dt this is exactly the discrete recurrence (reference §1.3). dt needs a floor only against 0
+# x' = x / dt this is exactly the discrete recurrence (docs/equations.md §M2). dt needs a floor only against 0
 # (softplus underflows for A_log < -88). At DT_MIN, exp(-dt) == 1 and dt * x' == x in fp32 and x/dt^2 (the
 # backward) stays finite; a visible floor (1e-6) biases slow heads. dt and x' stay fp32: x' in bf16 rounds
 # twice, and in fp16 it overflows to inf whenever |x| / dt > 65504. B and C go in as fp32 too: the kernels
@@ -239,7 +247,12 @@ def _ssd_chunked_cuda(x, log_decay, B, C, chunk_size, initial_state):
     dt = (-log_decay.float()).clamp_min(DT_MIN)  # (b, l, h)
     A = -torch.ones(x.shape[2], device=x.device, dtype=torch.float32)
     y, final = k["chunk_scan"](
-        x.float() / dt[..., None], dt, A, B.float(), C.float(), chunk_size,
+        x.float() / dt[..., None],
+        dt,
+        A,
+        B.float(),
+        C.float(),
+        chunk_size,
         initial_states=None if initial_state is None else initial_state.float(),
         return_final_states=True,
     )
@@ -266,7 +279,9 @@ def _ssd_step_torch(x, log_decay, B, C, state):
     a = log_decay.float().exp().view(b, g, r, 1, 1)
     xB = x.float().view(b, g, r, p, 1) * B.float().view(b, g, 1, 1, n)  # (b, g, r, p, n)
     s = state.view(b, g, r, p, n)
-    if state.dtype == torch.float32 and not (torch.is_grad_enabled() and (state.requires_grad or xB.requires_grad)):
+    if state.dtype == torch.float32 and not (
+        torch.is_grad_enabled() and (state.requires_grad or xB.requires_grad)
+    ):
         s.mul_(a).add_(xB)
     else:
         s = a * s.float() + xB
@@ -324,8 +339,9 @@ def _causal_conv1d_cuda(x, weight, bias, state):
     # x: (b, d, l), weight: (d, k), bias: (d,) or None, state: (b, d, k-1) or None
     init = None if state is None else _channel_last(state, x.dtype)
     bias = None if bias is None else bias.to(weight.dtype)
-    y, new_state = _cuda_kernels()["conv_fn"](_channel_last(x, x.dtype), weight, bias, initial_states=init,
-                                              return_final_states=True)
+    y, new_state = _cuda_kernels()["conv_fn"](
+        _channel_last(x, x.dtype), weight, bias, initial_states=init, return_final_states=True
+    )
     return y, new_state  # y: (b, d, l) channel-last, new_state: (b, d, k-1) channel-last
 
 
@@ -339,7 +355,7 @@ def causal_conv1d(x, weight, bias=None, state=None, kernels: str = "torch"):
     past = x.new_zeros(x.shape[0], x.shape[1], k - 1) if state is None else state.to(x.dtype)
     xs = torch.cat([past, x], dim=-1)  # (b, d, k-1+l)
     y = F.conv1d(xs, weight[:, None, :], bias, groups=x.shape[1])
-    return y, xs[..., xs.shape[-1] - (k - 1):]
+    return y, xs[..., xs.shape[-1] - (k - 1) :]
 
 
 def causal_conv1d_step(x, state, weight, bias=None, kernels: str = "torch"):

@@ -61,7 +61,9 @@ class ThreadGovernor:
         self.enabled = _fixed is None and machine_busy_seconds() is not None
         self.threads = torch.get_num_threads()
         self._last = self._sample()
-        self.changes: list[tuple[float, int]] = []  # (others' busy cores, threads) at each change, for the log
+        self.changes: list[
+            tuple[float, int]
+        ] = []  # (others' busy cores, threads) at each change, for the log
 
     def _sample(self):
         m = machine_busy_seconds()

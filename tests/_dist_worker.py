@@ -21,8 +21,16 @@ args = ap.parse_args()
 
 torch.set_num_threads(1)
 ctx = DistContext.from_env("cpu")
-config = LlambaConfig(vocab_size=64, d_model=32, n_layer=2, intermediate_size=64, d_state=8, n_v_heads=4,
-                      n_qk_heads=4, chunk_size=8)
+config = LlambaConfig(
+    vocab_size=64,
+    d_model=32,
+    n_layer=2,
+    intermediate_size=64,
+    d_state=8,
+    n_v_heads=4,
+    n_qk_heads=4,
+    chunk_size=8,
+)
 torch.manual_seed(0)
 model = wrap_student(LlambaForCausalLM(config), ctx, args.strategy, block_cls=LlambaBlock)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)

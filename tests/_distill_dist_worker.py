@@ -8,7 +8,9 @@ import torch
 from llamba.distill.run import Interrupted, distill_stage
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--stage", required=True, help="one stage or several, comma-separated (each from --init-from)")
+ap.add_argument(
+    "--stage", required=True, help="one stage or several, comma-separated (each from --init-from)"
+)
 ap.add_argument("--teacher", required=True)
 ap.add_argument("--data", required=True)
 ap.add_argument("--out", required=True)
@@ -22,9 +24,25 @@ args = ap.parse_args()
 torch.set_num_threads(1)
 for stage in map(int, args.stage.split(",")):
     try:
-        distill_stage(stage, teacher=args.teacher, data=args.data, out=args.out, init_from=args.init_from,
-                      tokens=6 * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, seed=1, device="cpu", progress=False,
-                      ckpt_every_s=1e9, stop_after=args.stop_after, strategy=args.strategy,
-                      teacher_strategy=args.teacher_strategy, stream=args.stream, stream_shards=4)
+        distill_stage(
+            stage,
+            teacher=args.teacher,
+            data=args.data,
+            out=args.out,
+            init_from=args.init_from,
+            tokens=6 * 4 * 32,
+            seq_len=32,
+            batch_size=4,
+            lr=3e-3,
+            seed=1,
+            device="cpu",
+            progress=False,
+            ckpt_every_s=1e9,
+            stop_after=args.stop_after,
+            strategy=args.strategy,
+            teacher_strategy=args.teacher_strategy,
+            stream=args.stream,
+            stream_shards=4,
+        )
     except Interrupted:
         pass

@@ -14,5 +14,13 @@ os.environ["LLAMBA_CPU_BF16"] = "0"
 def tiny_config():
     from llamba.config import LlambaConfig
 
-    return LlambaConfig(vocab_size=101, d_model=32, n_layer=2, intermediate_size=64, d_state=8,
-                        n_v_heads=4, n_qk_heads=2, chunk_size=8)
+    return LlambaConfig(
+        vocab_size=101,
+        d_model=32,
+        n_layer=2,
+        intermediate_size=64,
+        d_state=8,
+        n_v_heads=4,
+        n_qk_heads=2,
+        chunk_size=8,
+    )

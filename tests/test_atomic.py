@@ -39,7 +39,11 @@ def test_atomic_dir_replace_keep_merge_and_failure(tmp_path):
                 (tmp / name).write_text(name)
     finally:
         os.replace = real
-    assert order[-1] == "config.json" and sorted(order) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert order[-1] == "config.json" and sorted(order) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     before = {p.name: p.read_text() for p in dest.iterdir()}
     with pytest.raises(RuntimeError), atomic_dir(dest) as tmp:
         (tmp / "half").write_text("x")

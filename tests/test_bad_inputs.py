@@ -28,8 +28,11 @@ from llamba.errors import UNEXPECTED
 # Fixtures: one tiny finished run, one tiny student checkpoint and its MLX export, bad files of every kind
 # --------------------------------------------------------------------------------------------------
 def tree_hash(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _config_dir(path: Path, raw: dict) -> Path:
@@ -53,9 +56,26 @@ def fx(tmp_path_factory):
     f["one_blank"].write_text("\n\n".join(docs))
 
     run = f["run"] = root / "run"  # a finished `distill all`: every later case must leave it as it is
-    result = CliRunner().invoke(main, ["distill", "all", "--teacher", str(teacher), "--data", str(corpus),
-                                       "--out", str(run), "--tokens", "1200", "--seq-len", "16",
-                                       "--eval-tokens", "64", "--no-progress"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "all",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(corpus),
+            "--out",
+            str(run),
+            "--tokens",
+            "1200",
+            "--seq-len",
+            "16",
+            "--eval-tokens",
+            "64",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
 
     # teachers that are not (readable) Llamas
@@ -94,8 +114,10 @@ def fx(tmp_path_factory):
     (root / "body.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     (root / "null.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n" + json.dumps({"text": None}) + "\n")
     (root / "numbers.jsonl").write_text("".join(json.dumps({"text": i}) + "\n" for i in range(20)))
-    (root / "broken.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n{\"text\": \"pa\n")
-    (root / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1"))
+    (root / "broken.jsonl").write_text(json.dumps({"text": docs[0]}) + '\n{"text": "pa\n')
+    (root / "latin1.jsonl").write_bytes(
+        json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    )
     pq.write_table(pa.table({"body": docs}), root / "body.parquet")
     pq.write_table(pa.table({"text": list(range(20))}), root / "ints.parquet")
     (root / "fake.parquet").write_bytes(b"PAR1 not really")
@@ -105,8 +127,12 @@ def fx(tmp_path_factory):
     ckpt = f["ckpt"] = root / "ckpt"
     make_checkpoint(ckpt)
     raw = json.loads((ckpt / "config.json").read_text())
-    for name, change in {"huge_chunk": {"chunk_size": 10**9}, "neg_heads": {"n_v_heads": -4},
-                         "typo_key": {"chunk_sise": 8}, "bool_conv": {"d_conv": True}}.items():
+    for name, change in {
+        "huge_chunk": {"chunk_size": 10**9},
+        "neg_heads": {"n_v_heads": -4},
+        "typo_key": {"chunk_sise": 8},
+        "bool_conv": {"d_conv": True},
+    }.items():
         shutil.copytree(ckpt, root / name)
         (root / name / "config.json").write_text(json.dumps(raw | change))
         f[name] = root / name
@@ -139,8 +165,12 @@ def fx(tmp_path_factory):
         "typo_search": tiny | {"grid": tiny["grid"] | {"search": {"train.lrr": ["log", 1e-3, 1e-2]}}},
         "horizon0": tiny | {"env": {"horizon": 0}},
         "low_high": tiny | {"grid": tiny["grid"] | {"search": {"train.lr": ["log", 1e-2, 1e-3]}}},
-        "size_neg": tiny | {"env": {"size": -3}, "train": tiny["train"] | {"steps": 2},  # runs today: keep it short
-                            "grid": tiny["grid"] | {"draws": 1, "budgets": [{"n_train_tasks": 2}]}},
+        "size_neg": tiny
+        | {
+            "env": {"size": -3},
+            "train": tiny["train"] | {"steps": 2},  # runs today: keep it short
+            "grid": tiny["grid"] | {"draws": 1, "budgets": [{"n_train_tasks": 2}]},
+        },
         "unknown_section": tiny | {"trian": {}},
     }
     for name, cfg in icrl_cases.items():
@@ -238,20 +268,38 @@ def _resolve(fx, key: str) -> str:
 @pytest.mark.parametrize("case, teacher, data, extra, needle", DISTILL_CASES)
 def test_distill_bad_input(fx, unchanged_run, command, case, teacher, data, extra, needle):
     out = fx["root"] / f"out-{command}-{case}"
-    result = invoke(["distill", command, "--teacher", _resolve(fx, teacher), "--data", _resolve(fx, data),
-                     "--out", out, "--tokens", "64" if command == "stage1" else "1200", "--seq-len", "16",
-                     "--no-progress", *extra])
+    result = invoke(
+        [
+            "distill",
+            command,
+            "--teacher",
+            _resolve(fx, teacher),
+            "--data",
+            _resolve(fx, data),
+            "--out",
+            out,
+            "--tokens",
+            "64" if command == "stage1" else "1200",
+            "--seq-len",
+            "16",
+            "--no-progress",
+            *extra,
+        ]
+    )
     assert_one_line_error(result, needle)
 
 
-@pytest.mark.parametrize("command, teacher, data, needle", [
-    ("all", "truncated", "corpus", "truncated"),
-    ("all", "gpt2", "corpus", "gpt2"),
-    # Another --data into a begun run is refused by the run's identity check before the data is read.
-    ("stage2", "teacher", "weights.bin", "--data"),
-    ("stage2", "teacher", "null.jsonl", "--data"),
-    ("stage3", "bad_json", "corpus", "config.json"),
-])
+@pytest.mark.parametrize(
+    "command, teacher, data, needle",
+    [
+        ("all", "truncated", "corpus", "truncated"),
+        ("all", "gpt2", "corpus", "gpt2"),
+        # Another --data into a begun run is refused by the run's identity check before the data is read.
+        ("stage2", "teacher", "weights.bin", "--data"),
+        ("stage2", "teacher", "null.jsonl", "--data"),
+        ("stage3", "bad_json", "corpus", "config.json"),
+    ],
+)
 def test_bad_input_into_a_half_finished_run_leaves_it_unchanged(fx, command, teacher, data, needle):
     half = fx["root"] / "half"  # stage 1 done, stage 2 not started
     if not half.exists():
@@ -259,35 +307,99 @@ def test_bad_input_into_a_half_finished_run_leaves_it_unchanged(fx, command, tea
         for name in ("stage2", "stage3", "eval.json"):
             shutil.rmtree(half / name) if (half / name).is_dir() else (half / name).unlink(missing_ok=True)
     before = tree_hash(half)
-    result = invoke(["distill", command, "--teacher", _resolve(fx, teacher), "--data", _resolve(fx, data), "--out",
-                     half, "--tokens", "1200", "--seq-len", "16", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            command,
+            "--teacher",
+            _resolve(fx, teacher),
+            "--data",
+            _resolve(fx, data),
+            "--out",
+            half,
+            "--tokens",
+            "1200",
+            "--seq-len",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result, needle)
     assert tree_hash(half) == before
 
 
-@pytest.mark.parametrize("command", [
-    case("stage1"),
-    case("stage3"),
-    "all",
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        case("stage1"),
+        case("stage3"),
+        "all",
+    ],
+)
 def test_a_bad_teacher_into_the_finished_run_is_refused(fx, unchanged_run, command):
-    result = invoke(["distill", command, "--teacher", fx["truncated"], "--data", fx["corpus"], "--out",
-                     unchanged_run, "--tokens", "1200", "--seq-len", "16", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            command,
+            "--teacher",
+            fx["truncated"],
+            "--data",
+            fx["corpus"],
+            "--out",
+            unchanged_run,
+            "--tokens",
+            "1200",
+            "--seq-len",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result, "truncated")
 
 
 @pytest.mark.parametrize("command", ["stage2", "stage3"])
 def test_distill_later_stages_refuse_bad_data(fx, command):
     out = fx["root"] / f"out-{command}-bin"
-    result = invoke(["distill", command, "--teacher", fx["teacher"], "--data", fx["root"] / "weights.bin",
-                     "--out", out, "--tokens", "64", "--seq-len", "16", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            command,
+            "--teacher",
+            fx["teacher"],
+            "--data",
+            fx["root"] / "weights.bin",
+            "--out",
+            out,
+            "--tokens",
+            "64",
+            "--seq-len",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result, "binary")
 
 
 def test_distill_init_from_a_checkpoint_with_an_absurd_chunk_size(fx):
-    result = invoke(["distill", "stage3", "--teacher", fx["teacher"], "--data", fx["corpus"], "--out",
-                     fx["root"] / "out-init-from", "--init-from", fx["huge_chunk"], "--tokens", "64",
-                     "--seq-len", "16", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            "stage3",
+            "--teacher",
+            fx["teacher"],
+            "--data",
+            fx["corpus"],
+            "--out",
+            fx["root"] / "out-init-from",
+            "--init-from",
+            fx["huge_chunk"],
+            "--tokens",
+            "64",
+            "--seq-len",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result, "chunk_size")
 
 
@@ -298,41 +410,139 @@ def test_distill_out_that_is_a_file(fx):
 
 def test_a_txt_with_one_blank_line_between_documents_trains(fx):
     """Was: 'the data produced no tokens' (the whole file was one document and the held-out split empty)."""
-    result = invoke(["distill", "stage1", "--teacher", fx["teacher"], "--data", fx["one_blank"], "--out",
-                     fx["root"] / "out-one-blank", "--tokens", "64", "--seq-len", "16", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            "stage1",
+            "--teacher",
+            fx["teacher"],
+            "--data",
+            fx["one_blank"],
+            "--out",
+            fx["root"] / "out-one-blank",
+            "--tokens",
+            "64",
+            "--seq-len",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert result.exit_code == 0, result.output
 
 
 # Silent wrong results of issue 16 (exit 0 today): each must become a refusal.
 def test_rerun_of_a_finished_run_with_another_budget_is_refused(fx, unchanged_run):
-    result = invoke(["distill", "all", "--teacher", fx["teacher"], "--data", fx["corpus"], "--out", unchanged_run,
-                     "--tokens", "2400", "--seq-len", "16", "--eval-tokens", "64", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            "all",
+            "--teacher",
+            fx["teacher"],
+            "--data",
+            fx["corpus"],
+            "--out",
+            unchanged_run,
+            "--tokens",
+            "2400",
+            "--seq-len",
+            "16",
+            "--eval-tokens",
+            "64",
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result, "tokens")
 
 
 def test_rerun_of_a_finished_run_with_another_teacher_is_refused(fx, unchanged_run):
-    result = invoke(["distill", "all", "--teacher", fx["teacher3"], "--data", fx["corpus"], "--out", unchanged_run,
-                     "--tokens", "1200", "--seq-len", "16", "--eval-tokens", "64", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            "all",
+            "--teacher",
+            fx["teacher3"],
+            "--data",
+            fx["corpus"],
+            "--out",
+            unchanged_run,
+            "--tokens",
+            "1200",
+            "--seq-len",
+            "16",
+            "--eval-tokens",
+            "64",
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result, "teacher")
 
 
 def test_a_teacher_with_a_nan_payload_is_refused(fx):
-    result = invoke(["distill", "stage1", "--teacher", fx["nan_payload"], "--data", fx["corpus"], "--out",
-                     fx["root"] / "out-nan", "--tokens", "64", "--seq-len", "16", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            "stage1",
+            "--teacher",
+            fx["nan_payload"],
+            "--data",
+            fx["corpus"],
+            "--out",
+            fx["root"] / "out-nan",
+            "--tokens",
+            "64",
+            "--seq-len",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result)
 
 
 @pytest.mark.parametrize("lr", ["1e6", "inf"])
 def test_an_lr_that_diverges_stops_at_the_first_non_finite_loss(fx, lr):
-    result = invoke(["distill", "stage1", "--teacher", fx["teacher"], "--data", fx["corpus"], "--out",
-                     fx["root"] / f"out-lr-{lr}", "--tokens", "256", "--seq-len", "16", "--lr", lr, "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            "stage1",
+            "--teacher",
+            fx["teacher"],
+            "--data",
+            fx["corpus"],
+            "--out",
+            fx["root"] / f"out-lr-{lr}",
+            "--tokens",
+            "256",
+            "--seq-len",
+            "16",
+            "--lr",
+            lr,
+            "--no-progress",
+        ]
+    )
     assert_one_line_error(result)
 
 
 def test_a_micro_batch_larger_than_the_budget_does_not_run_past_it(fx):
     out = fx["root"] / "out-microbatch"
-    result = invoke(["distill", "stage1", "--teacher", fx["teacher"], "--data", fx["corpus"], "--out", out,
-                     "--tokens", "16", "--seq-len", "16", "--batch-size", "32", "--no-progress"])
+    result = invoke(
+        [
+            "distill",
+            "stage1",
+            "--teacher",
+            fx["teacher"],
+            "--data",
+            fx["corpus"],
+            "--out",
+            out,
+            "--tokens",
+            "16",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "32",
+            "--no-progress",
+        ]
+    )
     if result.exit_code == 0:  # ran: then at most the budget (or a little over it)
         done = json.loads((out / "stage1" / "DONE.json").read_text())
         assert done["tokens"] <= 2 * 16, done
@@ -365,20 +575,60 @@ EVAL_CASES = [  # (id, model key or path, teacher key, extra args, text the erro
 
 @pytest.mark.parametrize("case, model, teacher, extra, needle", EVAL_CASES)
 def test_eval_bad_input(fx, unchanged_run, case, model, teacher, extra, needle):
-    result = invoke(["eval", "--model", _resolve(fx, model), "--teacher", _resolve(fx, teacher), "--data",
-                     fx["corpus"], "--max-tokens", "64", "--seq-len", "16", *extra])
+    result = invoke(
+        [
+            "eval",
+            "--model",
+            _resolve(fx, model),
+            "--teacher",
+            _resolve(fx, teacher),
+            "--data",
+            fx["corpus"],
+            "--max-tokens",
+            "64",
+            "--seq-len",
+            "16",
+            *extra,
+        ]
+    )
     assert_one_line_error(result, needle)
 
 
 def test_eval_bad_data(fx, unchanged_run):
-    result = invoke(["eval", "--model", fx["run"] / "stage3", "--teacher", fx["teacher"], "--data",
-                     fx["root"] / "weights.bin", "--max-tokens", "64", "--seq-len", "16"])
+    result = invoke(
+        [
+            "eval",
+            "--model",
+            fx["run"] / "stage3",
+            "--teacher",
+            fx["teacher"],
+            "--data",
+            fx["root"] / "weights.bin",
+            "--max-tokens",
+            "64",
+            "--seq-len",
+            "16",
+        ]
+    )
     assert_one_line_error(result, "binary")
 
 
 def test_eval_against_a_teacher_with_another_layer_count_is_refused(fx, unchanged_run):
-    result = invoke(["eval", "--model", fx["run"] / "stage3", "--teacher", fx["teacher3"], "--data", fx["corpus"],
-                     "--max-tokens", "64", "--seq-len", "16"])
+    result = invoke(
+        [
+            "eval",
+            "--model",
+            fx["run"] / "stage3",
+            "--teacher",
+            fx["teacher3"],
+            "--data",
+            fx["corpus"],
+            "--max-tokens",
+            "64",
+            "--seq-len",
+            "16",
+        ]
+    )
     assert_one_line_error(result, "layer")
 
 
@@ -468,7 +718,9 @@ ICRL_CASES = [  # (id, config file stem, text the error names)
 @pytest.mark.parametrize("case, stem, needle", ICRL_CASES)
 def test_icrl_run_bad_config(fx, case, stem, needle):
     out = fx["root"] / f"icrl-{case}"
-    result = invoke(["icrl", "run", "--env", "darkroom", "--config", fx["root"] / f"{stem}.json", "--out", out])
+    result = invoke(
+        ["icrl", "run", "--env", "darkroom", "--config", fx["root"] / f"{stem}.json", "--out", out]
+    )
     assert_one_line_error(result, needle)
 
 
@@ -482,8 +734,15 @@ def test_icrl_run_bad_options(fx, extra, needle):
 # --------------------------------------------------------------------------------------------------
 # llamba demo, the boundary itself, and real processes
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra, needle", [(["--out", "corpus.jsonl"], "--out"), (["--q-bits", "3"], "--q-bits"),
-                                           (["--tokens", "0"], "--tokens"), (["--max-tokens", "0"], "--max-tokens")])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--out", "corpus.jsonl"], "--out"),
+        (["--q-bits", "3"], "--q-bits"),
+        (["--tokens", "0"], "--tokens"),
+        (["--max-tokens", "0"], "--max-tokens"),
+    ],
+)
 def test_demo_bad_options(fx, extra, needle):
     extra = [str(fx["corpus"]) if a == "corpus.jsonl" else a for a in extra]
     assert_one_line_error(invoke(["demo", *extra]), needle)
@@ -512,22 +771,31 @@ def test_an_os_error_names_the_path():
 
     with pytest.raises(Exception) as info, error_boundary():
         open("/proc/definitely/not/here")
-    assert info.value.format_message() == "/proc/definitely/not/here: no such file or directory; check the path"
+    assert (
+        info.value.format_message() == "/proc/definitely/not/here: no such file or directory; check the path"
+    )
 
 
 def _python_m_llamba(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "llamba", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "llamba", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["eval", "--model", "{root}/nowhere"], "does not exist"),
-    (["generate", "--model", "{huge_chunk}", "--prompt", "hi"], "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["eval", "--model", "{root}/nowhere"], "does not exist"),
+        (["generate", "--model", "{huge_chunk}", "--prompt", "hi"], "chunk_size"),
+    ],
+)
 def test_python_m_llamba_prints_one_line(fx, unchanged_run, args, needle):
-    proc = _python_m_llamba(*[a.format(root=fx["root"], huge_chunk=fx["huge_chunk"])
-                              for a in args])
+    proc = _python_m_llamba(*[a.format(root=fx["root"], huge_chunk=fx["huge_chunk"]) for a in args])
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

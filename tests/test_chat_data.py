@@ -39,8 +39,14 @@ def words(tok, text):
 
 def test_assistant_mask_marks_answers_and_their_end_marker(tok):
     m = ChatMarkers.of(tok)
-    conv = render(tok, [{"role": "system", "content": "ba"}, {"role": "user", "content": "be bi"},
-                        {"role": "assistant", "content": "bo bu ba"}])
+    conv = render(
+        tok,
+        [
+            {"role": "system", "content": "ba"},
+            {"role": "user", "content": "be bi"},
+            {"role": "assistant", "content": "bo bu ba"},
+        ],
+    )
     ids = words(tok, conv)  # <s> system ba </s> <s> user be bi </s> <s> assistant bo bu ba </s>
     row = torch.tensor([ids])
     expect = [False] * 11 + [True] * 4
@@ -73,7 +79,9 @@ def _full_sort_top_p(logits, p):
     return torch.log_softmax(logits.masked_fill(drop, float("-inf")), -1)
 
 
-@pytest.mark.parametrize("scale", [0.5, 8.0])  # flat rows (the full-sort fallback) and peaked rows (top-k path)
+@pytest.mark.parametrize(
+    "scale", [0.5, 8.0]
+)  # flat rows (the full-sort fallback) and peaked rows (top-k path)
 def test_fast_top_p_equals_the_full_sort(scale):
     torch.manual_seed(1)
     logits = torch.randn(4, 5000) * scale
@@ -86,11 +94,23 @@ def test_fast_top_p_equals_the_full_sort(scale):
 def test_greedy_sampler_equals_transformers_generate(teacher, tok):
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("ba", "be bi bo bu", "da de")]
     eos = (tok.eos_token_id,)
-    got = sample_answers(teacher, prompts, [0, 1, 2], SamplingParams(temperature=0, max_new_tokens=12), eos,
-                         tok.pad_token_id, batch_size=3)
+    got = sample_answers(
+        teacher,
+        prompts,
+        [0, 1, 2],
+        SamplingParams(temperature=0, max_new_tokens=12),
+        eos,
+        tok.pad_token_id,
+        batch_size=3,
+    )
     for p, (answer, ended) in zip(prompts, got, strict=True):
-        ref = teacher.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, eos_token_id=list(eos),
-                               pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        ref = teacher.generate(
+            torch.tensor([p]),
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=list(eos),
+            pad_token_id=tok.pad_token_id,
+        )[0, len(p) :].tolist()
         want = ref[: ref.index(eos[0])] if eos[0] in ref else ref
         assert answer == want and ended == (eos[0] in ref)
 
@@ -99,8 +119,10 @@ def test_a_rows_sample_does_not_depend_on_its_batch(teacher, tok):
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("ba be", "bi", "bo bu da de")]
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16)
     together = sample_answers(teacher, prompts, [7, 8, 9], params, (tok.eos_token_id,), tok.pad_token_id)
-    alone = [sample_answers(teacher, [p], [s], params, (tok.eos_token_id,), tok.pad_token_id)[0]
-             for p, s in zip(prompts, [7, 8, 9], strict=True)]
+    alone = [
+        sample_answers(teacher, [p], [s], params, (tok.eos_token_id,), tok.pad_token_id)[0]
+        for p, s in zip(prompts, [7, 8, 9], strict=True)
+    ]
     assert together == alone
     other = sample_answers(teacher, prompts[:1], [99], params, (tok.eos_token_id,), tok.pad_token_id)
     assert other[0] != together[0]  # the seed matters
@@ -118,8 +140,7 @@ def test_corpus_is_cached_extended_and_resumed(teacher, tok, tmp_path, monkeypat
     settings = ChatSettings(n=5, max_new_tokens=8)
     calls = []
     real = chat_data.generate_records
-    monkeypatch.setattr(chat_data, "generate_records",
-                        lambda *a, **k: calls.append(a[3:5]) or real(*a, **k))
+    monkeypatch.setattr(chat_data, "generate_records", lambda *a, **k: calls.append(a[3:5]) or real(*a, **k))
     first = teacher_chat(teacher, tok, settings, batch_size=2, log=lambda _: None)
     assert [r["id"] for r in first] == list(range(5)) and calls
     assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in first)
@@ -142,10 +163,18 @@ def test_corpus_is_cached_extended_and_resumed(teacher, tok, tmp_path, monkeypat
 
 
 def test_chat_documents_are_rendered_conversations_and_drop_cut_answers(tok):
-    recs = [{"id": 0, "messages": [{"role": "user", "content": "ba"}, {"role": "assistant", "content": "be"}],
-             "ended": True},
-            {"id": 1, "messages": [{"role": "user", "content": "bi"}, {"role": "assistant", "content": "bo"}],
-             "ended": False}]
+    recs = [
+        {
+            "id": 0,
+            "messages": [{"role": "user", "content": "ba"}, {"role": "assistant", "content": "be"}],
+            "ended": True,
+        },
+        {
+            "id": 1,
+            "messages": [{"role": "user", "content": "bi"}, {"role": "assistant", "content": "bo"}],
+            "ended": False,
+        },
+    ]
     docs = chat_data.chat_documents(recs, tok)
     assert docs == ["<|im_start|>user\nba<|im_end|>\n<|im_start|>assistant\nbe<|im_end|>"]
     from llamba.distill.data import doc_tokens
@@ -171,11 +200,19 @@ def test_student_batched_greedy_equals_one_at_a_time(tok):
 def test_model_card_leads_with_the_chat_report():
     from export_fixtures import tiny_config
 
-    from llamba.checkpoints import model_card
+    from llamba.card import model_card
 
     config = tiny_config()
-    config.distillation = {"teacher": "default", "tokens": 150000, "ppl_ratio": 5.57, "data": "chat:768",
-                           "fact_retained": 0.04, "chat_ppl_ratio": 10.28, "prose_ppl_ratio": 4.0, "eos_rate": 0.42}
+    config.distillation = {
+        "teacher": "default",
+        "tokens": 150000,
+        "ppl_ratio": 5.57,
+        "data": "chat:768",
+        "fact_retained": 0.04,
+        "chat_ppl_ratio": 10.28,
+        "prose_ppl_ratio": 4.0,
+        "eos_rate": 0.42,
+    }
     card = model_card(config)
     assert "| chat perplexity ratio (teacher's sampled answers) | 10.28 |" in card
     assert "| answers that end (end-of-turn within 256 tokens) | 42% |" in card

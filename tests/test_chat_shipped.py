@@ -32,14 +32,21 @@ def teacher():
 
 def shipped(teacher, settings):
     path = shipped_path(teacher_fingerprint(teacher[0]), settings)
-    assert path.is_file(), (f"{path.name} is not shipped: the teacher, the settings or the prompt sets changed; "
-                            "rebuild with `llamba distill chat-data --ship`")
+    assert path.is_file(), (
+        f"{path.name} is not shipped: the teacher, the settings or the prompt sets changed; "
+        "rebuild with `llamba distill chat-data --ship`"
+    )
     return read_records(path)
 
 
-@pytest.mark.parametrize("settings, n", [(ChatSettings(), ChatSettings().n),
-                                         (FACT_SETTINGS, len(chat_prompts.FACT_EVAL)),
-                                         (OPEN_SETTINGS, len(chat_prompts.OPEN_EVAL))])
+@pytest.mark.parametrize(
+    "settings, n",
+    [
+        (ChatSettings(), ChatSettings().n),
+        (FACT_SETTINGS, len(chat_prompts.FACT_EVAL)),
+        (OPEN_SETTINGS, len(chat_prompts.OPEN_EVAL)),
+    ],
+)
 def test_shipped_files_match_the_teacher_and_the_settings(teacher, settings, n):
     records = shipped(teacher, settings)
     assert len(records) == n and [r["id"] for r in records] == list(range(n))

@@ -17,15 +17,18 @@ def saved(tiny_config, tmp_path):
     return out, json.loads((out / "config.json").read_text())
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("chunk_size", 10**9, "`chunk_size` is 1000000000, outside the supported range 1..4096"),
-    ("d_conv", 0, "`d_conv` must be a positive integer, got 0"),
-    ("d_conv", True, "`d_conv` must be a positive integer, got True"),
-    ("n_v_heads", 2.5, "`n_v_heads` must be a positive integer"),
-    ("d_model", 1 << 20, "`d_model` is 1048576, outside"),
-    ("tie_embeddings", "yes", "`tie_embeddings` must be true or false"),
-    ("norm_eps", 0, "`norm_eps` must be a number in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("chunk_size", 10**9, "`chunk_size` is 1000000000, outside the supported range 1..4096"),
+        ("d_conv", 0, "`d_conv` must be a positive integer, got 0"),
+        ("d_conv", True, "`d_conv` must be a positive integer, got True"),
+        ("n_v_heads", 2.5, "`n_v_heads` must be a positive integer"),
+        ("d_model", 1 << 20, "`d_model` is 1048576, outside"),
+        ("tie_embeddings", "yes", "`tie_embeddings` must be true or false"),
+        ("norm_eps", 0, "`norm_eps` must be a number in (0, 1)"),
+    ],
+)
 def test_out_of_range_fields_are_refused_naming_the_field(saved, field, value, message):
     out, raw = saved
     (out / "config.json").write_text(json.dumps(raw | {field: value}))
@@ -38,15 +41,21 @@ def test_out_of_range_fields_are_refused_naming_the_field(saved, field, value, m
 def test_a_misspelled_field_is_refused_with_the_valid_keys(saved):
     out, raw = saved
     (out / "config.json").write_text(json.dumps(raw | {"chunk_sise": 8}))
-    with pytest.raises(CheckpointError, match=r"unknown config key 'chunk_sise' \(did you mean 'chunk_size'\?\); "
-                                              r"valid keys: .*d_conv"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"unknown config key 'chunk_sise' \(did you mean 'chunk_size'\?\); "
+        r"valid keys: .*d_conv",
+    ):
         read_config(out)
 
 
 def test_hugging_face_extras_are_tolerated(saved):
     out, raw = saved
-    (out / "config.json").write_text(json.dumps(raw | {"_name_or_path": "x", "torch_dtype": "float32",
-                                                       "use_cache": True, "flux_capacitor": 3}))
+    (out / "config.json").write_text(
+        json.dumps(
+            raw | {"_name_or_path": "x", "torch_dtype": "float32", "use_cache": True, "flux_capacitor": 3}
+        )
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg, layout = read_config(out)

@@ -21,8 +21,10 @@ from llamba.model import LlambaForCausalLM
 ON_GPU = torch.cuda.is_available()
 if ON_GPU:
     if not ops.cuda_kernels_available():
-        pytest.skip("the cuda path needs mamba-ssm and causal-conv1d: pip install 'llamba[cuda]'",
-                    allow_module_level=True)
+        pytest.skip(
+            "the cuda path needs mamba-ssm and causal-conv1d: pip install 'llamba[cuda]'",
+            allow_module_level=True,
+        )
 else:
     import cuda_sim
 
@@ -47,7 +49,7 @@ def scan_inputs(b, l, h, g, p, n, dtype=torch.float32, seed=0, slow_heads=False)
     gen = torch.Generator().manual_seed(seed)
     a_log = torch.randn(b, l, h, generator=gen)
     if slow_heads:
-        a_log[..., h // 2:] = a_log[..., h // 2:] - 14.0
+        a_log[..., h // 2 :] = a_log[..., h // 2 :] - 14.0
     log_decay = -F.softplus(a_log)
     x = torch.randn(b, l, h, p, generator=gen)
     B = torch.randn(b, l, g, n, generator=gen) / n**0.5
@@ -70,8 +72,10 @@ def test_chunked_scan_matches_recurrent(dtype):
     assert y.dtype == dtype and s.dtype == torch.float32
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     err, err_t = rel_err(y, y_ref), rel_err(y, y_t)
-    print(f"{dtype}: y vs recurrence {err:.2e} (torch path {rel_err(y_t, y_ref):.2e}), vs torch {err_t:.2e}, "
-          f"state {rel_err(s, s_ref):.2e}")
+    print(
+        f"{dtype}: y vs recurrence {err:.2e} (torch path {rel_err(y_t, y_ref):.2e}), vs torch {err_t:.2e}, "
+        f"state {rel_err(s, s_ref):.2e}"
+    )
     assert err_t < TOL[dtype]
     assert err <= 1.5 * rel_err(y_t, y_ref) + TOL[torch.float32]
     assert rel_err(s, s_ref) < TOL[dtype]
@@ -201,8 +205,16 @@ CONFIGS = {"h4g2": (32, 4, 2), "h3g3": (48, 3, 3), "h3g1": (48, 3, 1)}
 
 def make_model(name, dtype=torch.float32):
     d, h, g = CONFIGS[name]
-    config = LlambaConfig(vocab_size=97, d_model=d, n_layer=1, intermediate_size=64, d_state=8, n_v_heads=h,
-                          n_qk_heads=g, chunk_size=8)
+    config = LlambaConfig(
+        vocab_size=97,
+        d_model=d,
+        n_layer=1,
+        intermediate_size=64,
+        d_state=8,
+        n_v_heads=h,
+        n_qk_heads=g,
+        chunk_size=8,
+    )
     torch.manual_seed(0)
     model = LlambaForCausalLM(config).eval()
     with torch.no_grad():  # away from the identity conv / gate init, so every parameter matters
@@ -217,8 +229,17 @@ def ids_for(model, b, l, seed=0):
     return torch.randint(0, model.config.vocab_size, (b, l), generator=gen).to(DEV)
 
 
-@pytest.mark.parametrize("name,dtype", [("h4g2", torch.float32), ("h3g3", torch.float32), ("h3g1", torch.float32),
-                                        ("h3g3", torch.bfloat16), ("h3g3", torch.float16)], ids=str)
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("h4g2", torch.float32),
+        ("h3g3", torch.float32),
+        ("h3g1", torch.float32),
+        ("h3g3", torch.bfloat16),
+        ("h3g3", torch.float16),
+    ],
+    ids=str,
+)
 def test_model_logits_match(name, dtype):
     """Failure 2 (odd n_v_heads), failure 5 (bf16/fp16): plain forward on both paths."""
     model = make_model(name, dtype)

@@ -124,8 +124,6 @@ def test_cli_single_stage_with_init_from(files):
     assert (root / "t" / "stage3" / "model.safetensors").is_file()
 
 
-
-
 def test_bad_input_gives_one_line_errors(files):
     root, teacher, corpus = files
     from transformers import GPT2Config
@@ -197,18 +195,60 @@ def test_bad_input_gives_one_line_errors(files):
 def test_cli_streams_all_three_stages_and_evaluates_on_the_stream_heldout(files):
     root, teacher, corpus = files
     out = root / "streamed"
-    args = ["all", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "3000",
-            "--seq-len", "32", "--stream", "--stream-shards", "2", "--no-progress", "--eval-tokens", "128"]
+    args = [
+        "all",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "3000",
+        "--seq-len",
+        "32",
+        "--stream",
+        "--stream-shards",
+        "2",
+        "--no-progress",
+        "--eval-tokens",
+        "128",
+    ]
     result = _invoke(distill, args)
     assert result.exit_code == 0, result.output
     assert all(json.loads((out / f"stage{k}" / "spec.json").read_text())["stream"] for k in (1, 2, 3))
-    ev = ["--model", str(out / "stage3"), "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "256",
-          "--max-tokens", "128", "--json"]  # what `all` evaluates with
+    ev = [
+        "--model",
+        str(out / "stage3"),
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--seq-len",
+        "256",
+        "--max-tokens",
+        "128",
+        "--json",
+    ]  # what `all` evaluates with
     result = _invoke(eval_cmd, [*ev, "--stream"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == json.loads((out / "eval.json").read_text())
     one_line_error(
-        _invoke(distill, ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(root / "y"),
-                          "--stream", "--stream-shards", "1000"]),
-        "holds no documents", "--stream-shards",
+        _invoke(
+            distill,
+            [
+                "stage1",
+                "--teacher",
+                str(teacher),
+                "--data",
+                str(corpus),
+                "--out",
+                str(root / "y"),
+                "--stream",
+                "--stream-shards",
+                "1000",
+            ],
+        ),
+        "holds no documents",
+        "--stream-shards",
     )

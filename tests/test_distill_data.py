@@ -82,7 +82,9 @@ def test_default_data_is_the_teachers_chat_rendered_with_its_template(tmp_path, 
     assert docs == load_documents("chat:4", teacher=teacher, tokenizer=tok)  # two names, one corpus (cached)
     assert docs and all(d.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in d for d in docs)
     assert len(list((tmp_path / "data").glob("chat-train-*.jsonl"))) == 1
-    assert chat_spec(None) == chat_spec("chat") == chat_data.ChatSettings().n and chat_spec("notes.txt") is None
+    assert (
+        chat_spec(None) == chat_spec("chat") == chat_data.ChatSettings().n and chat_spec("notes.txt") is None
+    )
     with pytest.raises(DataError, match="chat data needs an Instruct teacher|no chat template"):
         load_documents(None, teacher=teacher, tokenizer=tiny_tokenizer())
     with pytest.raises(DataError, match="integer >= 2"):

@@ -58,8 +58,20 @@ def files(tmp_path_factory):
 
 def worker_args(files, stage, out, *extra):
     root, teacher, corpus, init = files
-    return [WORKER, "--stage", str(stage), "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
-            "--init-from", str(init), *extra]
+    return [
+        WORKER,
+        "--stage",
+        str(stage),
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--init-from",
+        str(init),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +81,28 @@ def single_runs(files):
     return root / "single"
 
 
-@pytest.mark.parametrize("stage,strategy,teacher", [(2, "fsdp", "replicate"), (3, "fsdp", "replicate"),
-                                                    (1, "ddp", "fsdp"), (2, "ddp", "replicate"),
-                                                    (3, "ddp", "replicate"), (3, "fsdp", "fsdp")])
+@pytest.mark.parametrize(
+    "stage,strategy,teacher",
+    [
+        (2, "fsdp", "replicate"),
+        (3, "fsdp", "replicate"),
+        (1, "ddp", "fsdp"),
+        (2, "ddp", "replicate"),
+        (3, "ddp", "replicate"),
+        (3, "fsdp", "fsdp"),
+    ],
+)
 def test_two_processes_equal_one(files, single_runs, stage, strategy, teacher):
     out = files[0] / f"{strategy}-{teacher}-{stage}"
     torchrun(2, *worker_args(files, stage, out, "--strategy", strategy, "--teacher-strategy", teacher))
     assert_close_weights(single_runs / f"stage{stage}", out / f"stage{stage}")
     done = json.loads((out / f"stage{stage}" / "DONE.json").read_text())
-    assert (done["world_size"], done["steps"], done["strategy"], done["teacher_strategy"]) == (2, 6, strategy, teacher)
+    assert (done["world_size"], done["steps"], done["strategy"], done["teacher_strategy"]) == (
+        2,
+        6,
+        strategy,
+        teacher,
+    )
     loaded, saved = load_model(out / f"stage{stage}").state_dict(), weights(out / f"stage{stage}")
     for k, v in saved.items():  # the consolidated HF-layout checkpoint loads (lm_head is tied, not saved)
         assert torch.equal(loaded[k], v), k
@@ -108,7 +133,26 @@ def test_stream_killed_under_two_resumes_under_one(files):
 
 def test_cli_under_torchrun(files, tmp_path):
     root, teacher, corpus, init = files
-    torchrun(2, "-m", "llamba", "distill", "stage2", "--teacher", str(teacher), "--data", str(corpus), "--out",
-             str(tmp_path / "cli"), "--init-from", str(init), "--tokens", "256", "--seq-len", "32", "--batch-size",
-             "4", "--no-progress")
+    torchrun(
+        2,
+        "-m",
+        "llamba",
+        "distill",
+        "stage2",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "cli"),
+        "--init-from",
+        str(init),
+        "--tokens",
+        "256",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    )
     assert (tmp_path / "cli" / "stage2" / "model.safetensors").is_file()

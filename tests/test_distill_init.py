@@ -24,7 +24,7 @@ def test_expand_kv_heads_repeats_whole_head_blocks():
     assert not torch.equal(out, w.repeat_interleave(2, dim=0))  # row-wise interleave would be wrong
 
 
-@pytest.mark.parametrize("init", ["llamba", "attention"])
+@pytest.mark.parametrize("init", ["llamba", "llamba-slow", "attention"])
 def test_non_mixer_weights_are_copied(teacher, init):
     student = build_student(teacher, init=init)
     t, s = teacher.model, student.backbone
@@ -53,6 +53,37 @@ def test_llamba_init_is_identity_conv_and_gate(teacher):
     assert torch.count_nonzero(mixer.in_proj.weight[mixer.z_rows()]) == 0
     assert torch.allclose(F.silu(mixer.z_bias), torch.ones_like(mixer.z_bias), atol=1e-6)
     assert mixer.z_bias[0].item() == pytest.approx(Z_IDENTITY)
+
+
+def test_slow_init_starts_every_head_with_a_long_memory(teacher, tmp_path):
+    """llamba-slow: the recipe's identity conv and gate, plus an A_log bias per head with softplus(bias) = dt in
+    SLOW_DT, so the decay on real inputs sits near exp(-dt) (the recipe's sits near 0.5); saved and reloaded as is."""
+    from llamba.checkpoints import load_model
+    from llamba.distill.init import SLOW_DT
+
+    plain, slow = build_student(teacher, init="llamba"), build_student(teacher, init="llamba-slow")
+    assert slow.config.bias and not plain.config.bias
+    u = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    for p_layer, s_layer in zip(plain.backbone.layers, slow.backbone.layers, strict=True):
+        m = s_layer.mixer
+        dt = F.softplus(m.in_proj.bias[m.a_rows()])
+        assert ((dt >= SLOW_DT[0] * 0.999) & (dt <= SLOW_DT[1] * 1.001)).all()
+        assert torch.allclose(F.silu(m.in_proj.bias[m.z_rows()]), torch.ones(m.d_inner), atol=1e-6)
+        w = m.conv1d.weight[:, 0]
+        assert torch.count_nonzero(w[:, :-1]) == 0
+        decay = {}
+        for name, mixer in (("plain", p_layer.mixer), ("slow", m)):
+            x = s_layer.input_layernorm(u)
+            a_log = F.linear(
+                x,
+                mixer.in_proj.weight[mixer.a_rows()],
+                None if mixer.in_proj.bias is None else mixer.in_proj.bias[mixer.a_rows()],
+            )
+            decay[name] = torch.exp(-F.softplus(a_log)).mean().item()
+        assert decay["slow"] > 0.85 and 0.3 < decay["plain"] < 0.7, decay
+    slow.save_pretrained(tmp_path / "slow")
+    back = load_model(tmp_path / "slow")
+    assert torch.equal(back.backbone.layers[1].mixer.in_proj.bias, slow.backbone.layers[1].mixer.in_proj.bias)
 
 
 def test_attention_init_mixing_matrix_is_decayed_scaled_qk(teacher):

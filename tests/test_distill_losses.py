@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from llamba.distill.losses import hidden_alignment_loss, kd_loss, matrix_orientation_loss, relative_error
+from llamba.distill.losses import (
+    hidden_alignment_loss,
+    kd_loss,
+    linear_kd_loss,
+    matrix_orientation_loss,
+    relative_error,
+)
 from llamba.distill.schedule import wsd_lr
 
 
@@ -47,6 +53,47 @@ def test_kd_loss_minimized_by_the_teacher_distribution():
     entropy = -(teacher.softmax(-1) * teacher.log_softmax(-1)).sum(-1).mean()
     assert kd_loss(teacher, teacher).item() == pytest.approx(entropy.item(), rel=1e-6)
     assert kd_loss(teacher + 0.5 * torch.randn_like(teacher), teacher).item() > entropy.item()
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("temperature,hard_weight,chunk", [(1.0, 0.0, 1024), (2.0, 0.5, 5), (1.0, 0.5, 3)])
+def test_linear_kd_loss_equals_kd_loss_on_the_logits(temperature, hard_weight, chunk):
+    """The fused head + KD loss against the reference kd_loss(h @ W.T, t): loss and both gradients, seeded random
+    inputs, fp32 (chunks of 3 and 5 rows cross chunk borders; some labels ignored)."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 13, 8, 50
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(v, d, generator=g, requires_grad=True)
+    t = 2 * torch.randn(n, v, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[2, 7]] = -100
+    ref = kd_loss((h @ w.T)[None], t[None], temperature, labels=labels[None], hard_weight=hard_weight)
+    ref_h, ref_w = torch.autograd.grad(ref, (h, w))
+    out = linear_kd_loss(h, w, t, temperature, labels=labels, hard_weight=hard_weight, chunk=chunk)
+    out_h, out_w = torch.autograd.grad(2.0 * out, (h, w))  # a scale on the loss reaches both gradients
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert _rel(out_h, 2.0 * ref_h) < 1e-5 and _rel(out_w, 2.0 * ref_w) < 1e-5
+
+
+def test_linear_kd_loss_in_bf16_stays_close_and_empty_selection_is_zero():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(16, 32, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(64, 32, generator=g)).requires_grad_()
+    t = torch.randn(16, 64, generator=g)
+    ref = kd_loss((h @ w.T)[None], t[None])
+    ref_h, ref_w = torch.autograd.grad(ref, (h, w))
+    out = linear_kd_loss(h, w, t.bfloat16(), dtype=torch.bfloat16)
+    out_h, out_w = torch.autograd.grad(out, (h, w))
+    assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+    assert _rel(out_h, ref_h) < 3e-2 and _rel(out_w, ref_w) < 3e-2
+    assert out_h.dtype == h.dtype and out_w.dtype == w.dtype
+    empty = linear_kd_loss(h[:0], w, t[:0])
+    assert empty.item() == 0.0
+    empty.backward()
+    assert w.grad is not None and float(w.grad.abs().sum()) == 0.0
 
 
 def test_relative_error():

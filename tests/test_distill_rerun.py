@@ -32,15 +32,26 @@ def _invoke(args):
     return CliRunner().invoke(distill, args, catch_exceptions=False)
 
 
-
-
 def _snapshot(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _base(teacher, corpus, out, *extra):
-    return ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "256",
-            "--seq-len", "32", "--no-progress", *extra]
+    return [
+        "stage1",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "256",
+        "--seq-len",
+        "32",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_finished_stage_rerun_says_done_and_refuses_other_settings(files):
@@ -57,7 +68,9 @@ def test_finished_stage_rerun_says_done_and_refuses_other_settings(files):
 
     more = [("512" if a == "256" else a) for a in _base(teacher, corpus, out)]
     one_line_error(_invoke(more), "different `tokens`", "256", "--tokens 256")
-    one_line_error(_invoke(_base(teacher, corpus, out, "--lr", "0.01")), "different `lr`", f"--lr {STAGES[1].lr}")
+    one_line_error(
+        _invoke(_base(teacher, corpus, out, "--lr", "0.01")), "different `lr`", f"--lr {STAGES[1].lr}"
+    )
     one_line_error(_invoke(_base(other, corpus, out)), "run.json", "--teacher", str(teacher), "new --out")
     one_line_error(_invoke(_base(teacher, corpus2, out)), "run.json", "--data", str(corpus))
     one_line_error(_invoke(_base(teacher, corpus, out, "--init", "attention")), "--init llamba")
@@ -85,10 +98,16 @@ def test_grouped_bc_heads_build_a_grouped_student_and_are_part_of_the_run(files)
     assert json.loads((out / "init" / "init.json").read_text())["qk_heads"] == 2
     before = _snapshot(out)
     one_line_error(_invoke(_base(teacher, corpus, out)), "--qk-heads 2 (now 4)", "pass --qk-heads 2")
-    one_line_error(_invoke(_base(teacher, corpus, root / "bad", "--qk-heads", "3")), "--qk-heads 3 must divide",
-                   "4 attention heads", "its 2 KV heads")
-    one_line_error(_invoke(_base(teacher, corpus, root / "bad2", "--qk-heads", "2", "--init", "attention")),
-                   "--init attention needs n_v_heads = n_qk_heads = 4")
+    one_line_error(
+        _invoke(_base(teacher, corpus, root / "bad", "--qk-heads", "3")),
+        "--qk-heads 3 must divide",
+        "4 attention heads",
+        "its 2 KV heads",
+    )
+    one_line_error(
+        _invoke(_base(teacher, corpus, root / "bad2", "--qk-heads", "2", "--init", "attention")),
+        "--init attention needs n_v_heads = n_qk_heads = 4",
+    )
     assert _snapshot(out) == before
     # a run dir begun before run.json recorded qk_heads: the saved init student is what counts
     run_json = out / "run.json"
@@ -103,14 +122,34 @@ def test_grouped_bc_heads_build_a_grouped_student_and_are_part_of_the_run(files)
 def test_half_finished_stage_says_where_it_resumes_and_refuses_another_teacher(files):
     root, teacher, other, corpus, corpus2 = files
     out = root / "half"
-    kw = dict(teacher=str(teacher), data=str(corpus), out=out, tokens=6 * 4 * 32, seq_len=32, device="cpu",
-              progress=False, ckpt_every_s=1e9)
+    kw = dict(
+        teacher=str(teacher),
+        data=str(corpus),
+        out=out,
+        tokens=6 * 4 * 32,
+        seq_len=32,
+        device="cpu",
+        progress=False,
+        ckpt_every_s=1e9,
+    )
     with pytest.raises(Interrupted):
         distill_stage(1, stop_after=2, **kw)
     assert (out / "stage1" / "resume").is_dir()
     before = _snapshot(out)
-    args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "768",
-            "--seq-len", "32", "--no-progress"]
+    args = [
+        "stage1",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "768",
+        "--seq-len",
+        "32",
+        "--no-progress",
+    ]
     one_line_error(_invoke([*args[:2], str(other), *args[3:]]), "--teacher")
     one_line_error(_invoke([*args[:4], str(corpus2), *args[5:]]), "--data")
     assert _snapshot(out) == before
@@ -124,8 +163,22 @@ def test_half_finished_stage_says_where_it_resumes_and_refuses_another_teacher(f
 def test_finished_all_rerun_with_another_budget_is_refused(files):
     root, teacher, other, corpus, corpus2 = files
     out = root / "all"
-    args = ["all", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "2000",
-            "--seq-len", "32", "--no-progress", "--eval-tokens", "128"]
+    args = [
+        "all",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "2000",
+        "--seq-len",
+        "32",
+        "--no-progress",
+        "--eval-tokens",
+        "128",
+    ]
     assert _invoke(args).exit_code == 0
     again = _invoke(args)
     assert again.exit_code == 0, again.output
@@ -136,16 +189,35 @@ def test_finished_all_rerun_with_another_budget_is_refused(files):
 def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_exits_nonzero(files):
     root, teacher, other, corpus, corpus2 = files
     out = root / "nan"
-    args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "1280",
-            "--seq-len", "32", "--no-progress", "--lr", "1e6", "--ckpt-every", "0"]
-    line = one_line_error(_invoke(args), "stage 1: loss nan", "stopped without applying it", "last good checkpoint",
-                           "--lr")
+    args = [
+        "stage1",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "1280",
+        "--seq-len",
+        "32",
+        "--no-progress",
+        "--lr",
+        "1e6",
+        "--ckpt-every",
+        "0",
+    ]
+    line = one_line_error(
+        _invoke(args), "stage 1: loss nan", "stopped without applying it", "last good checkpoint", "--lr"
+    )
     stage = out / "stage1"
     assert not (stage / "DONE.json").exists() and not (stage / "model.safetensors").exists()
     assert (stage / "resume").is_dir()
     step = int(line.split("resume at step ")[1].split()[0])
     rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
-    assert rows and all(r["loss"] == r["loss"] for r in rows) and rows[-1]["step"] == step  # no nan row logged
+    assert (
+        rows and all(r["loss"] == r["loss"] for r in rows) and rows[-1]["step"] == step
+    )  # no nan row logged
 
     for lr in ("nan", "inf"):  # (negative values are refused by click itself)
         one_line_error(_invoke([*args[:-4], "--lr", lr]), "--lr")
@@ -161,7 +233,9 @@ def test_corrupt_teacher_payload_stops_at_the_first_step(files):
     weights[name] = torch.full_like(weights[name], float("nan"))  # header intact, payload corrupt
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     out = root / "nan-teacher-run"
-    one_line_error(_invoke(_base(bad, corpus, out)), "loss nan", "step 1/", "no checkpoint", "teacher's weights")
+    one_line_error(
+        _invoke(_base(bad, corpus, out)), "loss nan", "step 1/", "no checkpoint", "teacher's weights"
+    )
     assert not (out / "stage1" / "DONE.json").exists()
 
 
@@ -170,13 +244,33 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
 
     root, teacher, other, corpus, corpus2 = files
     out = root / "state"
-    kw = dict(teacher=str(teacher), data=str(corpus), out=out, tokens=6 * 4 * 32, seq_len=32, device="cpu",
-              progress=False, ckpt_every_s=1e9)
+    kw = dict(
+        teacher=str(teacher),
+        data=str(corpus),
+        out=out,
+        tokens=6 * 4 * 32,
+        seq_len=32,
+        device="cpu",
+        progress=False,
+        ckpt_every_s=1e9,
+    )
     with pytest.raises(Interrupted):
         distill_stage(1, stop_after=2, **kw)
     stage = out / "stage1"
-    args = ["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--tokens", "768",
-            "--seq-len", "32", "--no-progress"]
+    args = [
+        "stage1",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "768",
+        "--seq-len",
+        "32",
+        "--no-progress",
+    ]
 
     spec = (stage / "spec.json").read_bytes()
     (stage / "spec.json").write_text("")
@@ -200,14 +294,27 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
     result = _invoke(args)
     assert result.exit_code == 0, result.output
     assert not (stage / ".save-stale").exists() and not (stage / ".spec.json.x1y2.tmp").exists()
-    assert [json.loads(x)["step"] for x in (stage / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert [json.loads(x)["step"] for x in (stage / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 7)
+    )
 
     done = (stage / "DONE.json").read_bytes()
     (stage / "DONE.json").write_text("")
     one_line_error(_invoke(args), "DONE.json is empty", "delete it to train this stage again")
     (stage / "DONE.json").unlink()  # weights written, DONE.json not: eval warns
-    ev = ["--model", str(stage), "--teacher", str(teacher), "--data", str(corpus), "--seq-len", "32",
-          "--max-tokens", "64", "--json"]
+    ev = [
+        "--model",
+        str(stage),
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "64",
+        "--json",
+    ]
     result = CliRunner().invoke(eval_cmd, ev, catch_exceptions=False)
     assert result.exit_code == 0 and "has no DONE.json" in result.output, result.output
     (stage / "DONE.json").write_bytes(done)
@@ -218,8 +325,11 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
 def test_each_command_offers_only_the_options_it_uses():
     from llamba.distill.options import cli_fields
     from llamba.distill.stages import StageSpec, default_spec
-    helps = {name: CliRunner().invoke(distill, [name, "--help"]).output for name in ("stage1", "stage2", "stage3",
-                                                                                     "all")}
+
+    helps = {
+        name: CliRunner().invoke(distill, [name, "--help"]).output
+        for name in ("stage1", "stage2", "stage3", "all")
+    }
     assert "--temperature" not in helps["stage1"] and "--mixer-only" not in helps["stage1"]
     assert "--mixer-only" in helps["stage2"] and "--temperature" not in helps["stage2"]
     assert "--temperature" in helps["stage3"] and "--freeze-mlp" in helps["stage3"]
@@ -227,8 +337,11 @@ def test_each_command_offers_only_the_options_it_uses():
     for record in STAGES.values():  # a stage option's default is the StageSpec default (one place), or None
         for f in cli_fields(record.options):  # for a default the stage record sets (epochs)
             expected = getattr(StageSpec(record.number, 10**6), f.name)
-            assert f.default is None and getattr(default_spec(record.number, 10**6), f.name) == getattr(
-                record, f.name) or f.default == expected
+            assert (
+                f.default is None
+                and getattr(default_spec(record.number, 10**6), f.name) == getattr(record, f.name)
+                or f.default == expected
+            )
 
 
 def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused(files):
@@ -236,15 +349,48 @@ def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused
 
     root, teacher, other, corpus, corpus2 = files
     out = root / "tiny-budget"
-    one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
-                             "--tokens", "16", "--seq-len", "16", "--batch-size", "32", "--no-progress"]),
-                    "budget of 16 tokens", "--batch-size")
+    one_line_error(
+        _invoke(
+            [
+                "stage1",
+                "--teacher",
+                str(teacher),
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                "--tokens",
+                "16",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "32",
+                "--no-progress",
+            ]
+        ),
+        "budget of 16 tokens",
+        "--batch-size",
+    )
     assert not out.exists()
     done = root / "done" / "stage1"  # the first test's run when it ran; else make one
     if not (done / "DONE.json").is_file():
         assert _invoke(_base(teacher, corpus, root / "done")).exit_code == 0
-    result = CliRunner().invoke(eval_cmd, ["--model", str(done), "--teacher", str(other), "--data", str(corpus),
-                                           "--seq-len", "32", "--max-tokens", "64"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        eval_cmd,
+        [
+            "--model",
+            str(done),
+            "--teacher",
+            str(other),
+            "--data",
+            str(corpus),
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "64",
+        ],
+        catch_exceptions=False,
+    )
     one_line_error(result, "2 layers", "teacher has 3")
 
 
@@ -263,7 +409,24 @@ def test_stage1_memory_plan_counts_its_attention_maps(files):
     plan = memory_plan(build_student(t), t, DistContext(), "none", 512, 4, stage_bytes=extra)
     assert plan["stage extra"] == extra / 2**30 and plan["total"] >= plan["stage extra"]
     out = root / "huge"  # 100k x 100k maps: refused at once, before any data is read
-    one_line_error(_invoke(["stage1", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out),
-                             "--tokens", "1000000", "--seq-len", "100000", "--no-progress"]),
-                    "attention maps", "--seq-len")
+    one_line_error(
+        _invoke(
+            [
+                "stage1",
+                "--teacher",
+                str(teacher),
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                "--tokens",
+                "1000000",
+                "--seq-len",
+                "100000",
+                "--no-progress",
+            ]
+        ),
+        "attention maps",
+        "--seq-len",
+    )
     assert not (out / "stage1").exists()

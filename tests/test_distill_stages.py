@@ -70,11 +70,77 @@ def test_stage3_teacher_runs_in_bf16_only_when_asked(setup, teacher_bf16):
     hook = teacher.model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     try:
         ids = build_token_data(docs, teacher.tokenizer, 32).train[:2]
-        loss, _ = stage3_step(build_student(teacher.model, seed=0), teacher.model, spec, torch.device("cpu"))(ids, 1.0)
+        loss, _ = stage3_step(build_student(teacher.model, seed=0), teacher.model, spec, torch.device("cpu"))(
+            ids, 1.0
+        )
     finally:
         hook.remove()
     assert seen == [torch.bfloat16 if teacher_bf16 else torch.float32]
     assert loss == loss and loss > 0  # finite
+
+
+@pytest.mark.parametrize(
+    "kw", [{"kd_tokens": "assistant"}, {"kd_tokens": "all", "temperature": 2.0, "hard_weight": 0.5}]
+)
+def test_stage3_fused_head_equals_the_logits_path(kw):
+    """The default stage-3 step (LM heads on the counted positions only, the student's head fused with the loss)
+    against the same step through the models' full logits and kd_loss (the path a wrapped student takes): same
+    loss and same gradients, fp32, on chat rows with system / user / assistant turns."""
+    from llamba.distill.chat_data import ChatMarkers, render
+    from llamba.distill.stages import stage3_step
+    from llamba.distill.testing import CHAT_VOCAB, tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer()
+    teacher = tiny_teacher(vocab_size=CHAT_VOCAB)
+    conv = render(
+        tok,
+        [
+            {"role": "system", "content": "ba be"},
+            {"role": "user", "content": "bi bo bu"},
+            {"role": "assistant", "content": "bu ba bi bo be ba"},
+        ],
+    )
+    row = tok(conv, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([row[5:] + row[:5], row])  # one row cut inside a turn, one whole conversation
+    spec = default_spec(3, tokens=64, seq_len=ids.shape[1], batch_size=2, precision="fp32", **kw)
+    cpu, markers = torch.device("cpu"), ChatMarkers.of(tok)
+    grads = []
+    for wrapped in (False, True):
+        student = build_student(teacher, seed=0)
+        net = torch.nn.Module() if wrapped else student
+        if wrapped:  # what DDP looks like to the step: a `.module` and a forward
+            net.module = student
+            net.forward = student.forward
+        loss, _ = stage3_step(net, teacher, spec, cpu, markers)(ids, 1.0)
+        grads.append((loss, [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (fused, g_fused), (plain, g_plain) = grads
+    assert fused == pytest.approx(plain, rel=1e-5)
+    assert len(g_fused) == len(g_plain) > 0
+    for a, b in zip(g_fused, g_plain, strict=True):
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+
+
+def test_fused_adamw_matches_the_foreach_update(setup):
+    """make_optimizer picks the fused AdamW kernel for plain tensors: five steps of it and of the foreach AdamW
+    (same groups, same gradients) leave the same parameters."""
+    from llamba.distill.stages import make_optimizer
+
+    teacher, _ = setup
+    spec = default_spec(3, tokens=128, seq_len=32, batch_size=2, lr=1e-2)
+    models = [build_student(teacher.model, seed=0) for _ in range(2)]
+    opts = [make_optimizer(list(m.named_parameters()), spec) for m in models]
+    assert opts[0].defaults["fused"]
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opts[1].param_groups]
+    opts[1] = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=1e-8, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            p0.grad = torch.randn(p0.shape, generator=g)
+            p1.grad = p0.grad.clone()
+        for o in opts:
+            o.step()
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(p0, p1, rtol=1e-5, atol=1e-6)
 
 
 def test_stage1_trains_only_mixers_and_input_norms(setup, tmp_path):
@@ -117,7 +183,9 @@ def test_killed_and_resumed_equals_uninterrupted(setup, tmp_path, stage):
     # a kill after the checkpoint may leave log lines that the checkpoint does not cover: they must go
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "tokens": 0, "loss": 123.0}) + "\n")
-    resumed = build_student(teacher.model, seed=99)  # the weights come from the resume checkpoint, not from here
+    resumed = build_student(
+        teacher.model, seed=99
+    )  # the weights come from the resume checkpoint, not from here
     train_stage(spec, resumed, teacher, data, tmp_path / "b", cpu, progress=False)
 
     for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -161,14 +229,26 @@ def test_activation_checkpointing_and_grad_accumulation_change_nothing(setup, tm
         spec = default_spec(stage, tokens=3 * 4 * 32, seq_len=32, batch_size=batch, grad_accum=accum, lr=1e-3)
         data = build_token_data(docs, teacher.tokenizer, spec.seq_len)
         runs[name] = build_student(teacher.model, seed=0)
-        train_stage(spec, runs[name], teacher, data, tmp_path / name, cpu, progress=False,
-                    activation_checkpointing=ckpt)
+        train_stage(
+            spec,
+            runs[name],
+            teacher,
+            data,
+            tmp_path / name,
+            cpu,
+            progress=False,
+            activation_checkpointing=ckpt,
+        )
     ref = runs["ref"].state_dict()
-    ref_losses = [json.loads(x)["loss"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    ref_losses = [
+        json.loads(x)["loss"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    ]
     for name in ("ckpt", "accum"):
         losses = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0)
         assert runs[name].state_dict().keys() == ref.keys()
         for k, v in runs[name].state_dict().items():
             # as in the 2-process tests: Adam turns summation-order noise of near-zero gradients into O(lr/10)
-            torch.testing.assert_close(v, ref[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k, n=name: f"{n} {k}: {m}")
+            torch.testing.assert_close(
+                v, ref[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k, n=name: f"{n} {k}: {m}"
+            )

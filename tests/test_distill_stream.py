@@ -14,7 +14,9 @@ from llamba.distill.distributed import DistContext
 from llamba.distill.stream import JsonlSource, ListSource, ParquetSource, TokenStream, open_source
 from llamba.distill.testing import tiny_corpus, tiny_tokenizer
 
-DOCS = tiny_corpus(n_docs=30, words_per_doc=20, seed=1)  # 27 training documents of 21 tokens: ~9 batches/epoch
+DOCS = tiny_corpus(
+    n_docs=30, words_per_doc=20, seed=1
+)  # 27 training documents of 21 tokens: ~9 batches/epoch
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,9 @@ def test_hugging_face_streaming_dataset(monkeypatch, tok):
             return iter(self.rows)
 
     rows = [{"text": d} for d in DOCS]
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: Streaming(rows)))
+    monkeypatch.setitem(
+        sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: Streaming(rows))
+    )
     src = open_source("someone/corpus")
     assert src.heldout == DOCS[:3]
     assert sorted(sum([[t for _, t in src.docs(j, 4)] for j in range(4)], []), key=DOCS.index) == DOCS[3:]

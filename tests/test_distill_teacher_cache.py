@@ -42,7 +42,9 @@ def test_cache_returns_the_teacher_states(setup, dtype, tol, with_attn_out):
 
 def test_epoch_pool_is_a_seeded_subset_of_the_training_rows(setup):
     _, data = setup
-    pool = epoch_pool(data, tokens=6 * 4 * 32, epochs=4, seed=3)  # 6 steps of 4 rows of 32 in 4 epochs -> 6 rows
+    pool = epoch_pool(
+        data, tokens=6 * 4 * 32, epochs=4, seed=3
+    )  # 6 steps of 4 rows of 32 in 4 epochs -> 6 rows
     assert pool.train.shape == (6, 32)
     rows = {tuple(r.tolist()) for r in data.train}
     assert all(tuple(r.tolist()) in rows for r in pool.train)
@@ -67,7 +69,9 @@ def test_cached_stage2_runs_the_teacher_once_per_row(setup, tmp_path):
         n_cached = len(calls)
         plain_spec = default_spec(2, tokens=spec.tokens, seq_len=32, batch_size=4, lr=3e-3, epochs=1)
         plain = build_student(teacher.model, seed=0)
-        s2 = train_stage(plain_spec, plain, teacher, pool, tmp_path / "b", torch.device("cpu"), progress=False)
+        s2 = train_stage(
+            plain_spec, plain, teacher, pool, tmp_path / "b", torch.device("cpu"), progress=False
+        )
     finally:
         hook.remove()
     assert n_cached == 2  # epoch 1 = 2 batches of 4 new rows, one teacher forward each

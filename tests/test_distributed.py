@@ -13,10 +13,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(nproc: int, *args: str) -> None:
-    cmd = [sys.executable, WORKER, *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = (
+        [sys.executable, WORKER, *args]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            WORKER,
+            *args,
+        ]
+    )
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -44,6 +61,17 @@ def test_dcp_resume_on_a_different_world_size(single, tmp_path):
     ckpt = tmp_path / "dcp"
     run(2, "--strategy", "fsdp", "--steps", "2", "--save-dcp", str(ckpt), "--out", str(tmp_path / "half.pt"))
     assert ckpt.is_dir() and not (tmp_path / "dcp.tmp").exists()
-    run(1, "--strategy", "fsdp", "--start", "2", "--steps", "1", "--load-dcp", str(ckpt), "--out",
-        str(tmp_path / "resumed.pt"))
+    run(
+        1,
+        "--strategy",
+        "fsdp",
+        "--start",
+        "2",
+        "--steps",
+        "1",
+        "--load-dcp",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "resumed.pt"),
+    )
     assert_same_weights(single, tmp_path / "resumed.pt")

@@ -18,10 +18,12 @@ def greedy_path(start: int, target: int, size: int = 9) -> list[int]:
 
 def test_registered_and_check_env():
     assert "llamba/DarkRoom-v0" in gym.registry and "llamba/KeyToDoor-v0" in gym.registry
-    for env in (gym.make("llamba/DarkRoom-v0", goal=(1, 2), render_mode="ansi"),
-                gym.make("llamba/KeyToDoor-v0", key=3, door=70, render_mode="ansi"),
-                gym.make("llamba/DarkRoom-v0"),  # goal drawn from the reset seed
-                gym.make("llamba/KeyToDoor-v0")):
+    for env in (
+        gym.make("llamba/DarkRoom-v0", goal=(1, 2), render_mode="ansi"),
+        gym.make("llamba/KeyToDoor-v0", key=3, door=70, render_mode="ansi"),
+        gym.make("llamba/DarkRoom-v0"),  # goal drawn from the reset seed
+        gym.make("llamba/KeyToDoor-v0"),
+    ):
         check_env(env.unwrapped)
     assert gym.spec("llamba/DarkRoom-v0").max_episode_steps == 20
     assert gym.spec("llamba/KeyToDoor-v0").max_episode_steps == 50
@@ -32,12 +34,14 @@ def test_make_by_module_id_and_entry_point_without_importing_envs():
     import subprocess
     import sys
 
-    probe = ("import gymnasium as gym, importlib.metadata as md\n"
-             "e = gym.make('llamba.envs:llamba/DarkRoom-v0', goal=3)\n"
-             "assert e.reset(seed=0)[0] == 40 and e.spec.max_episode_steps == 20\n"
-             "(ep,) = [p for p in md.entry_points(group='gymnasium.envs') if p.name == 'llamba']\n"
-             "ep.load()(); ep.load()()  # idempotent\n"
-             "print('ok')")
+    probe = (
+        "import gymnasium as gym, importlib.metadata as md\n"
+        "e = gym.make('llamba.envs:llamba/DarkRoom-v0', goal=3)\n"
+        "assert e.reset(seed=0)[0] == 40 and e.spec.max_episode_steps == 20\n"
+        "(ep,) = [p for p in md.entry_points(group='gymnasium.envs') if p.name == 'llamba']\n"
+        "ep.load()(); ep.load()()  # idempotent\n"
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
@@ -71,8 +75,9 @@ def test_make_vec_equals_sync_vector_env(kwargs):
     fast = gym.make_vec("llamba/DarkRoom-v0", num_envs=4, tasks=goals, **kwargs)
     # The env truncates at its own horizon; a longer TimeLimit stays out of the way (TimeLimit would also flag
     # truncation on a terminating last step, which the env itself does not).
-    slow = gym.vector.SyncVectorEnv([lambda g=g: gym.make("llamba/DarkRoom-v0", goal=g, max_episode_steps=1000,
-                                                          **kwargs) for g in goals])
+    slow = gym.vector.SyncVectorEnv(
+        [lambda g=g: gym.make("llamba/DarkRoom-v0", goal=g, max_episode_steps=1000, **kwargs) for g in goals]
+    )
     assert fast.single_action_space == slow.single_action_space
     assert fast.metadata["autoreset_mode"] == slow.metadata["autoreset_mode"]
     a, b = fast.reset(seed=0)[0], slow.reset(seed=0)[0]
@@ -257,8 +262,14 @@ def test_a_new_family_is_one_registration():
 
     from llamba.envs.tasks import FAMILIES, register_family
 
-    register_family(replace(FAMILIES["darkroom"], name="darkroom5", gym_id="llamba/DarkRoom5-v0",
-                            defaults={"size": 5, "horizon": 8}))
+    register_family(
+        replace(
+            FAMILIES["darkroom"],
+            name="darkroom5",
+            gym_id="llamba/DarkRoom5-v0",
+            defaults={"size": 5, "horizon": 8},
+        )
+    )
     try:
         spec = EnvSpec("darkroom5")
         assert (spec.size, spec.horizon, spec.num_states) == (5, 8, 25)

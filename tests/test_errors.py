@@ -38,8 +38,10 @@ def test_oserror_without_a_path_is_unexpected(monkeypatch, tmp_path):
 
 def test_the_boundary_imports_no_torch():
     """`llamba --help` must stay fast: the boundary module pulls in nothing heavy."""
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('e', sys.argv[1]); "
-            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); print('torch' in sys.modules)")
+    code = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('e', sys.argv[1]); "
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); print('torch' in sys.modules)"
+    )
     path = Path(__file__).parents[1] / "llamba" / "errors.py"
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

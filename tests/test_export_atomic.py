@@ -28,8 +28,9 @@ def test_export_killed_midway_leaves_no_half_directory(tmp_path):
     src = tmp_path / "ckpt"
     make_checkpoint(src, tiny_config(d_model=64, intermediate_size=128, d_state=16, n_v_heads=4))
     out = tmp_path / "mlx"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(src), str(out)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(src), str(out)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not out.exists() and not export_complete(out)  # the demo's test for "already exported"
     assert list(tmp_path.glob(".mlx.tmp-*"))  # what the kill left: a temporary beside it

@@ -56,11 +56,15 @@ def test_chat_cli_matches_generate_cli(dirs):
 
 def test_torch_backend_matches_mlx_greedy(dirs):
     runner = CliRunner()
-    outs = [runner.invoke(generate, ["--model", str(d), "--prompt", "what is the sun", "--max-tokens", "6"])
-            for d in dirs]
+    outs = [
+        runner.invoke(generate, ["--model", str(d), "--prompt", "what is the sun", "--max-tokens", "6"])
+        for d in dirs
+    ]
     assert all(r.exit_code == 0 for r in outs), [r.output for r in outs]
     assert outs[0].stdout == outs[1].stdout
-    res = runner.invoke(chat, ["--model", str(dirs[0]), "--backend", "torch", "--max-tokens", "4"], input="hello\n")
+    res = runner.invoke(
+        chat, ["--model", str(dirs[0]), "--backend", "torch", "--max-tokens", "4"], input="hello\n"
+    )
     assert res.exit_code == 0 and "tok/s" in res.stderr
 
 
@@ -73,7 +77,9 @@ def test_compile_flag_reaches_the_torch_model_and_is_refused_for_mlx(dirs, monke
     from llamba.model import LlambaForCausalLM
 
     calls = []
-    monkeypatch.setattr(LlambaForCausalLM, "use_compiled_step", lambda self, enabled=True: calls.append(enabled))
+    monkeypatch.setattr(
+        LlambaForCausalLM, "use_compiled_step", lambda self, enabled=True: calls.append(enabled)
+    )
     runner = CliRunner()
     args = ["--prompt", "what is the sun", "--max-tokens", "4"]
     plain = runner.invoke(generate, ["--model", str(dirs[0]), *args])

@@ -94,13 +94,31 @@ def test_mlx_lm_loads_export_unchanged(checkpoint, tmp_path):
         ref = model(ids).logits.numpy()
     assert np.abs(logits_np(lm_model, ids) - ref).max() / np.abs(ref).max() < 1e-4
     ours, _ = load(out, tokenizer=False)
-    prompt = lm_tok.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True)
+    prompt = lm_tok.apply_chat_template(
+        [{"role": "user", "content": "hello world"}], add_generation_prompt=True
+    )
     # mlx-lm's greedy decode through its own cache handling == our model's greedy decode.
     steps = generate_step(mx.array(prompt), lm_model)
     lm_ids = [int(tok) for (tok, _), _ in zip(steps, range(6), strict=False)]
     assert generate(ours, prompt, max_new_tokens=6) == lm_ids
-    cli = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(out), "--trust-remote-code",
-                          "--prompt", "hello world", "--max-tokens", "4"], capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(out),
+            "--trust-remote-code",
+            "--prompt",
+            "hello world",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert "Generation: 4 tokens" in cli.stdout
 
@@ -109,7 +127,9 @@ def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path):
     src, _ = checkpoint
     runner = CliRunner()
     res = runner.invoke(export, ["mlx", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 1 and res.output.startswith("Error:") and len(res.output.strip().splitlines()) == 1
+    assert (
+        res.exit_code == 1 and res.output.startswith("Error:") and len(res.output.strip().splitlines()) == 1
+    )
     out = convert(src, tmp_path / "mlx", dtype="float32")
     res = runner.invoke(export, ["mlx", "--model", str(src), "--out", str(out)])
     assert res.exit_code == 1 and "not empty" in res.output

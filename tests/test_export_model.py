@@ -28,8 +28,10 @@ TOL = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}
 
 def to_mlx(model, dtype: str = "float32") -> Model:
     args = ModelArgs.from_dict(model.config.to_dict())
-    weights = {k: mx.array(v.detach().float().numpy()).astype(getattr(mx, dtype))
-               for k, v in model.state_dict().items()}
+    weights = {
+        k: mx.array(v.detach().float().numpy()).astype(getattr(mx, dtype))
+        for k, v in model.state_dict().items()
+    }
     mlx_model = Model(args)
     mlx_model.load_weights(list(sanitize(weights, args).items()), strict=True)
     return mlx_model
@@ -76,11 +78,15 @@ def test_metal_step_matches_pure_mlx():
     assert mx.allclose(y1, y2, atol=1e-4) and mx.allclose(s1, s2, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"tie_embeddings": False, "activation": "silu"},
-    {"bias": True, "n_qk_heads": 4, "expand": 2},
-], ids=["tied", "untied-silu", "bias-expand"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_embeddings": False, "activation": "silu"},
+        {"bias": True, "n_qk_heads": 4, "expand": 2},
+    ],
+    ids=["tied", "untied-silu", "bias-expand"],
+)
 def test_prefill_and_every_decode_step_match_torch_fp32(overrides):
     model = random_model(tiny_config(**overrides), seed=3)
     mlx_model = to_mlx(model)
@@ -100,7 +106,7 @@ def test_prefill_and_every_decode_step_match_torch_fp32(overrides):
     worst = 0.0
     for t in range(11, ids.shape[1]):
         ref = model.step(ids[:, t], state)
-        out = mlx_model(mx.array(ids[:, t:t + 1].numpy()), cache=cache)[:, 0]
+        out = mlx_model(mx.array(ids[:, t : t + 1].numpy()), cache=cache)[:, 0]
         worst = max(worst, rel_err(out, ref))
     print("worst decode-step rel err", worst)
     assert worst < TOL["float32"]
@@ -116,7 +122,7 @@ def test_half_precision_within_tolerance(dtype):
     cache = mlx_model.make_cache()
     err = rel_err(mlx_model(mx.array(ids[:, :12].numpy()), cache=cache), ref[:, :12])
     for t in range(12, 20):
-        out = mlx_model(mx.array(ids[:, t:t + 1].numpy()), cache=cache)[:, 0]
+        out = mlx_model(mx.array(ids[:, t : t + 1].numpy()), cache=cache)[:, 0]
         err = max(err, rel_err(out, ref[:, t]))
     print(f"{dtype}: worst rel err {err:.2e} (tolerance {TOL[dtype]})")
     assert err < TOL[dtype]

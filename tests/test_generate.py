@@ -110,7 +110,9 @@ def test_compiled_step_falls_back_to_eager_with_one_warning(model, monkeypatch):
     state, ref_state = model.alloc_state(1), model.alloc_state(1)
     ref = model.step(torch.tensor([2]), ref_state)
     model.use_compiled_step()
-    with pytest.warns(UserWarning, match=r"torch.compile of the decode step failed \(RuntimeError: no C\+\+ compiler\)"):
+    with pytest.warns(
+        UserWarning, match=r"torch.compile of the decode step failed \(RuntimeError: no C\+\+ compiler\)"
+    ):
         got = model.step(torch.tensor([2]), state)
     assert torch.equal(got, ref) and state.seqlen == 1 and model.__dict__["_compiled_step"] is None
     model.step(torch.tensor([2]), state)  # eager from now on: no second warning, no error

@@ -22,7 +22,9 @@ def prompt(seed=0, length=11, vocab=64):
 def test_greedy_generate_equals_llamba_generate_token_for_token(model):
     ids = prompt(1)
     out = model.generate(ids, max_new_tokens=20, do_sample=False)
-    assert out[0, ids.shape[1]:].tolist() == generate(model, ids[0], SamplingParams(max_new_tokens=20, stop_token_ids=(2,)))
+    assert out[0, ids.shape[1] :].tolist() == generate(
+        model, ids[0], SamplingParams(max_new_tokens=20, stop_token_ids=(2,))
+    )
 
 
 def test_only_new_tokens_are_fed_after_the_prompt(model):
@@ -36,8 +38,13 @@ def test_only_new_tokens_are_fed_after_the_prompt(model):
     assert seen == [17] + [1] * 7
 
 
-@pytest.mark.parametrize("kwargs", [dict(do_sample=False, num_beams=3, num_return_sequences=2),
-                                    dict(do_sample=True, top_k=8, temperature=0.9)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        dict(do_sample=True, top_k=8, temperature=0.9),
+    ],
+)
 def test_cached_generation_equals_uncached(model, kwargs):
     """Beam search reorders the state rows; without a cache every step re-reads the whole sequence."""
     ids = prompt(3)
@@ -66,11 +73,16 @@ def test_streamer_and_stopping_criteria(model):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] >= ids.shape[1] + 4, dtype=torch.bool)
 
     streamer = Collect()
-    out = model.generate(ids, max_new_tokens=30, do_sample=False, streamer=streamer,
-                         stopping_criteria=StoppingCriteriaList([StopAfter()]))
+    out = model.generate(
+        ids,
+        max_new_tokens=30,
+        do_sample=False,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([StopAfter()]),
+    )
     assert out.shape[1] == ids.shape[1] + 4
     assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
-    assert sum(streamer.chunks[1:], []) == out[0, ids.shape[1]:].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, ids.shape[1] :].tolist()
 
 
 def test_left_padding_is_ignored_through_attention_mask(model):
@@ -80,7 +92,9 @@ def test_left_padding_is_ignored_through_attention_mask(model):
     logits = model(batch, attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(logits[0], model(short).logits[0, -1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits[1], model(long_).logits[0, -1], rtol=1e-4, atol=1e-5)
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)  # no eos: rows never stop at different steps
+    kw = dict(
+        max_new_tokens=8, min_new_tokens=8, do_sample=False
+    )  # no eos: rows never stop at different steps
     out = model.generate(batch, attention_mask=mask, **kw)
     assert out[0, 13:].tolist() == model.generate(short, **kw)[0, 6:].tolist()
     assert out[1, 13:].tolist() == model.generate(long_, **kw)[0, 13:].tolist()

@@ -106,7 +106,9 @@ def test_rerun_with_another_config_is_refused_and_changes_nothing(tmp_path):
     out = tmp_path / "out"
     first = _config(tmp_path, steps=5)
     r = CliRunner()
-    assert r.invoke(icrl, ["run", "--env", "darkroom", "--config", str(first), "--out", str(out)]).exit_code == 0
+    assert (
+        r.invoke(icrl, ["run", "--env", "darkroom", "--config", str(first), "--out", str(out)]).exit_code == 0
+    )
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     raw = json.loads(first.read_text())
     raw["train"]["steps"] = 6

@@ -29,7 +29,10 @@ def test_tiny_run_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["cells"]) == 4 and all(len(c["emp"]) == 20 for c in summary["cells"])
     assert summary["paired_draws"] == 2 and len(summary["sign_tests"]) == 2
-    for name in ("results.md", "return_vs_episode.png", "return_vs_transitions.png", "emp.png"):
+    assert 0 <= summary["random"]["score"] < 0.5 and 0 <= summary["random"]["mean"] < 0.5
+    assert "random policy scores" in (tmp_path / "results.md").read_text()
+    plots = ("return_vs_episode.png", "return_vs_episode_draws.png", "return_vs_transitions.png", "emp.png")
+    for name in ("results.md", *plots):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -109,7 +112,10 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
         ({"env": {"size": 9, "walls": 1}}, "unknown darkroom option"),
         ({"env": {"horizon": 0}}, "env.horizon must be an integer >= 1, got 0"),
         ({"env": {"size": -3}}, "env.size must be an integer >= 2, got -3"),
-        ({"data": {"n_train_taskz": 3}}, "unknown key(s) ['n_train_taskz'] in config section 'data'; valid: "),
+        (
+            {"data": {"n_train_taskz": 3}},
+            "unknown key(s) ['n_train_taskz'] in config section 'data'; valid: ",
+        ),
         ({"grid": {"search": {"train.lrr": ["log", 1e-3, 1e-2]}}}, "is not a model / train field; valid: ["),
         ({"grid": {"search": {"train.lr": ["log", 1e-2, 1e-3]}}}, "low 0.01 > high 0.001"),
         ({"grid": {"search": {"train.lr": ["log", 0, 1e-3]}}}, "'log' needs 0 < low"),
@@ -185,6 +191,8 @@ def test_budgets_are_nested_and_paired_across_methods(tmp_path):
     n = small["h"].num_histories
     assert n == 2 * 2 and big["h"].num_histories == 4 * 2
     end = int(big["h"].offsets[n])
-    assert (small["h"].states == big["h"].states[:end]).all() and (small["h"].tasks == big["h"].tasks[:n]).all()
+    assert (small["h"].states == big["h"].states[:end]).all() and (
+        small["h"].tasks == big["h"].tasks[:n]
+    ).all()
     assert (small["test"] == big["test"]).all()
     assert (small["h"].returns == big["h"].returns[:n]).all()

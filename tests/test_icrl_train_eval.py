@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llamba.envs import EnvSpec
-from llamba.icrl.evaluate import EvalConfig, in_context_returns, score
+from llamba.icrl.evaluate import EvalConfig, in_context_returns, random_returns, score
 from llamba.icrl.histories import DataConfig, generate
 from llamba.icrl.metrics import expected_max_performance
 from llamba.icrl.model import ADConfig, ADTransformer
@@ -384,3 +384,17 @@ def test_rowcol_state_embedding_shares_row_and_column_features():
         ADConfig(state_emb="onehot")
     with pytest.raises(ValueError, match="square"):
         ADConfig(num_states=80, state_emb="rowcol")
+
+
+def test_random_policy_returns():
+    """One step from the centre (40) next to the goal: a uniform action pays 1 with probability 1/5; Key-to-Door
+    returns are 0, 1 or 2 per episode; the same seed gives the same returns."""
+    spec = EnvSpec("darkroom", {"horizon": 1})
+    r = random_returns(spec, np.array([41, 0]), episodes=4000, seed=0)  # (2, 4000)
+    assert r.shape == (2, 4000)
+    assert abs(r[0].mean() - 0.2) < 0.02 and (r[1] == 0).all()  # goal 0 is 8 steps away
+    k2d = EnvSpec("keytodoor")
+    tasks = np.array([[0, 1], [40, 44]])
+    r = random_returns(k2d, tasks, episodes=50, seed=1)
+    assert set(np.unique(r)) <= {0.0, 1.0, 2.0}
+    np.testing.assert_array_equal(r, random_returns(k2d, tasks, episodes=50, seed=1))

@@ -17,18 +17,20 @@ pytest.importorskip("lm_eval")
 
 from llamba.generate import SamplingParams, generate  # noqa: E402
 
-MC = [{"q": "the cat sat on the", "choices": ["mat", "dog", "sun"], "label": 0},
-      {"q": "what is the", "choices": ["moon", "tree", "rain"], "label": 1},
-      {"q": "you and me", "choices": ["go", "run", "jump"], "label": 2}]
+MC = [
+    {"q": "the cat sat on the", "choices": ["mat", "dog", "sun"], "label": 0},
+    {"q": "what is the", "choices": ["moon", "tree", "rain"], "label": 1},
+    {"q": "you and me", "choices": ["go", "run", "jump"], "label": 2},
+]
 PPL = ["the cat sat on the mat", "red sun and blue moon go up"]
 GEN = ["the cat sat", "one two", "big red dog and a small"]
 TASKS = {
     "mc": "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
-          "metric_list:\n  - metric: acc\n",
+    "metric_list:\n  - metric: acc\n",
     "ppl": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-           "metric_list:\n  - metric: word_perplexity\n",
+    "metric_list:\n  - metric: word_perplexity\n",
     "gen": "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\ngeneration_kwargs:\n"
-           "  until: ['<|im_end|>']\n  max_gen_toks: 5\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
+    "  until: ['<|im_end|>']\n  max_gen_toks: 5\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
 }
 BLOCK_LLAMBA = """
 import importlib.abc, sys
@@ -50,15 +52,16 @@ def write_tasks(root, gen_targets):
         (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
         (root / f"{name}.yaml").write_text(
             f"task: tiny_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / name}.jsonl\n"
-            f"test_split: test\n{TASKS[name]}metadata:\n  version: 1.0\n")
+            f"test_split: test\n{TASKS[name]}metadata:\n  version: 1.0\n"
+        )
 
 
 def logprob(model, context: list[int], continuation: list[int]) -> float:
     ids = torch.tensor([context + continuation])
     with torch.no_grad():
         lp = torch.log_softmax(model(ids).logits[0, :-1], -1)
-    targets = ids[0, len(context):]
-    return float(lp[len(context) - 1:].gather(1, targets[:, None]).sum())
+    targets = ids[0, len(context) :]
+    return float(lp[len(context) - 1 :].gather(1, targets[:, None]).sum())
 
 
 @pytest.mark.slow
@@ -72,13 +75,33 @@ def test_lm_eval_hf_model_with_remote_code(tmp_path):
         greedy.append(tok.decode([t for t in out if t != tok.eos_token_id]))
     (tmp_path / "tasks").mkdir()
     write_tasks(tmp_path / "tasks", [greedy[0], "no such answer", greedy[2]])
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
-               HF_DATASETS_CACHE=str(tmp_path / "datasets"))
-    args = ["--model", "hf", "--model_args", f"pretrained={tmp_path / 'm'},trust_remote_code=True,dtype=float32",
-            "--tasks", "tiny_mc,tiny_ppl,tiny_gen", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
-            "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples"]
-    run = subprocess.run([sys.executable, "-c", BLOCK_LLAMBA, *args], capture_output=True, text=True, env=env,
-                         timeout=600)
+    env = dict(
+        os.environ,
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        HF_DATASETS_CACHE=str(tmp_path / "datasets"),
+    )
+    args = [
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={tmp_path / 'm'},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        "tiny_mc,tiny_ppl,tiny_gen",
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", BLOCK_LLAMBA, *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (result_file,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
     results = json.loads(open(result_file).read())["results"]

@@ -9,8 +9,12 @@ mlx_lm = pytest.importorskip("mlx_lm")
 
 from llamba.export.convert import convert  # noqa: E402
 
-PROMPTS = [[7, 12, 9], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38], [40, 8],
-           [5, 6, 7, 8, 9, 10, 11, 12, 13]]
+PROMPTS = [
+    [7, 12, 9],
+    [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38],
+    [40, 8],
+    [5, 6, 7, 8, 9, 10, 11, 12, 13],
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,8 @@ def test_batch_of_one_equals_stock_generate(exported):
     model, tokenizer = exported
     for p in PROMPTS:
         ids = [r.token for r in mlx_lm.stream_generate(model, tokenizer, p, max_tokens=10)]
-        ids = ids[:-1] if ids[-1] in tokenizer.eos_token_ids else ids  # batch_generate leaves the stop token out
+        ids = (
+            ids[:-1] if ids[-1] in tokenizer.eos_token_ids else ids
+        )  # batch_generate leaves the stop token out
         got = mlx_lm.batch_generate(model, tokenizer, [p], max_tokens=10, return_token_ids=True).token_ids[0]
         assert got == ids

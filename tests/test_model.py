@@ -63,8 +63,9 @@ def test_materialized_mixer_reproduces_mixer_output(tiny_config):
     # Rebuild the output from M: y = M @ x, then gate and out_proj.
     proj = mixer.in_proj(u)
     xbc, z, _ = torch.split(proj, [tiny_config.conv_dim, tiny_config.d_inner, tiny_config.n_v_heads], -1)
-    xbc = F.conv1d(xbc.transpose(1, 2), mixer.conv1d.weight, mixer.conv1d.bias, padding=3,
-                   groups=tiny_config.conv_dim)[..., :19].transpose(1, 2)
+    xbc = F.conv1d(
+        xbc.transpose(1, 2), mixer.conv1d.weight, mixer.conv1d.bias, padding=3, groups=tiny_config.conv_dim
+    )[..., :19].transpose(1, 2)
     x = xbc[..., : tiny_config.d_inner].reshape(2, 19, tiny_config.n_v_heads, tiny_config.headdim)
     y = torch.einsum("bhls,bshp->blhp", M, x).reshape(2, 19, -1)
     rebuilt = mixer.out_proj(y * F.silu(z + mixer.z_bias))
@@ -99,8 +100,11 @@ def test_save_load_round_trip_is_bit_exact(tiny_config, tmp_path, tie):
     config = LlambaConfig(**{**tiny_config.to_dict(), "tie_embeddings": tie})
     model = make_model(config)
     llamba.atomic_save(model, tmp_path / "ckpt")
-    for loaded in (load_model(tmp_path / "ckpt"), LlambaForCausalLM.from_pretrained(tmp_path / "ckpt"),
-                   AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")):
+    for loaded in (
+        load_model(tmp_path / "ckpt"),
+        LlambaForCausalLM.from_pretrained(tmp_path / "ckpt"),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"),
+    ):
         assert isinstance(loaded, LlambaForCausalLM)
         for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert torch.equal(a, b), k
@@ -140,8 +144,15 @@ def test_low_precision_forward_close_to_fp32(tiny_config, tmp_path, dtype):
 
 
 def test_from_llama_config_gqa():
-    llama = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    llama = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     cfg = LlambaConfig.from_llama_config(llama)
     assert (cfg.n_v_heads, cfg.n_qk_heads, cfg.d_state, cfg.headdim) == (4, 4, 16, 16)
     assert cfg.n_layer == 3 and cfg.tie_embeddings and cfg.intermediate_size == 128

@@ -114,11 +114,13 @@ def test_materialized_matrix_hand_values():
     B = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
     C = torch.tensor([1.0, -1.0, 0.5]).view(1, 3, 1, 1)
     M = materialize_mixer(a, B, C)[0, 0]
-    expected = torch.tensor([
-        [1.0 * 1.0, 0.0, 0.0],
-        [-1.0 * 1.0 * 0.25, -1.0 * 2.0, 0.0],
-        [0.5 * 1.0 * 0.25 * 0.8, 0.5 * 2.0 * 0.8, 0.5 * 3.0],
-    ])
+    expected = torch.tensor(
+        [
+            [1.0 * 1.0, 0.0, 0.0],
+            [-1.0 * 1.0 * 0.25, -1.0 * 2.0, 0.0],
+            [0.5 * 1.0 * 0.25 * 0.8, 0.5 * 2.0 * 0.8, 0.5 * 3.0],
+        ]
+    )
     torch.testing.assert_close(M, expected)
 
 

@@ -59,8 +59,20 @@ def test_remote_code_loads_without_the_package_and_equals_it(tmp_path):
     mask[0, :5] = 0
     torch.save((ids, mask), tmp_path / "ids.pt")
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
-    run = subprocess.run([sys.executable, "-c", REMOTE_PROBE, str(tmp_path / "m"), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            REMOTE_PROBE,
+            str(tmp_path / "m"),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     out = torch.load(tmp_path / "out.pt")
     assert out["module"].endswith("modeling_llamba")
@@ -105,8 +117,9 @@ def test_generation_config_carried_from_teacher_and_model_card(tmp_path):
     assert (saved.temperature, saved.do_sample, saved.eos_token_id) == (0.6, True, [1, 2])
     card = (tmp_path / "s" / "README.md").read_text()
     assert "| distillation budget (tokens) | unknown |" in card and "not measured" in card
-    record_distillation(tmp_path / "s", teacher="HuggingFaceTB/SmolLM2-135M-Instruct", tokens=1_500_000,
-                        ppl_ratio=1.2345)
+    record_distillation(
+        tmp_path / "s", teacher="HuggingFaceTB/SmolLM2-135M-Instruct", tokens=1_500_000, ppl_ratio=1.2345
+    )
     card = (tmp_path / "s" / "README.md").read_text()
     assert "| teacher | HuggingFaceTB/SmolLM2-135M-Instruct |" in card
     assert "| distillation budget (tokens) | 1,500,000 |" in card and "| 1.234 |" in card

@@ -33,8 +33,11 @@ TRITON_VERSION = "3.9.0"
 CAUSAL_CONV1D_VERSION = "1.7.0"
 REPO = Path(__file__).resolve().parents[2]
 # Where `make setup` unpacks the causal-conv1d sdist (Python layer only, never built).
-CAUSAL_CONV1D_SRC = Path(os.environ.get("LLAMBA_CAUSAL_CONV1D_SRC",
-                                        REPO / ".venv" / "src" / f"causal_conv1d-{CAUSAL_CONV1D_VERSION}"))
+CAUSAL_CONV1D_SRC = Path(
+    os.environ.get(
+        "LLAMBA_CAUSAL_CONV1D_SRC", REPO / ".venv" / "src" / f"causal_conv1d-{CAUSAL_CONV1D_VERSION}"
+    )
+)
 
 # Set by tests that want Triton's NVIDIA default for fp32 `tl.dot` (TF32 inputs) emulated.
 EMULATE_TF32 = {"on": False}
@@ -65,7 +68,9 @@ def install() -> None:
     import triton
 
     if triton.__version__ != TRITON_VERSION:
-        raise RuntimeError(f"cuda_sim is written against triton=={TRITON_VERSION}, found {triton.__version__}")
+        raise RuntimeError(
+            f"cuda_sim is written against triton=={TRITON_VERSION}, found {triton.__version__}"
+        )
     _import_mamba_ssm_without_extension()
     _import_causal_conv1d_over_stand_in()
     _patch_torch_cuda()
@@ -91,7 +96,9 @@ def _import_causal_conv1d_over_stand_in() -> None:
     import causal_conv1d
 
     if causal_conv1d.__version__ != CAUSAL_CONV1D_VERSION:
-        raise RuntimeError(f"cuda_sim expects causal-conv1d {CAUSAL_CONV1D_VERSION}, found {causal_conv1d.__version__}")
+        raise RuntimeError(
+            f"cuda_sim expects causal-conv1d {CAUSAL_CONV1D_VERSION}, found {causal_conv1d.__version__}"
+        )
 
 
 def _patch_torch_cuda() -> None:
@@ -144,8 +151,12 @@ def _patch_interpreter_dot() -> None:
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         a, b = as_fp32(a), as_fp32(b)
-        if (EMULATE_TF32["on"] and a.dtype.scalar == tl.float32 and "TF32" in str(input_precision).upper()
-                and "X3" not in str(input_precision).upper()):
+        if (
+            EMULATE_TF32["on"]
+            and a.dtype.scalar == tl.float32
+            and "TF32" in str(input_precision).upper()
+            and "X3" not in str(input_precision).upper()
+        ):
             a, b = tf32(a), tf32(b)
         return real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 

@@ -33,9 +33,11 @@ def _common(x, weight, bias_, seq_idx_=None):
     channel_last = x.stride(1) == 1 and x.stride(2) > 1
     if channel_last:
         _check(dim % 8 == 0, "causal_conv1d only supports channel dimension divisible by 8 for now")
-        _check(x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0,
-               "causal_conv1d with channel last layout requires strides (x.stride(0) and x.stride(2)) "
-               "to be multiples of 8")
+        _check(
+            x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0,
+            "causal_conv1d with channel last layout requires strides (x.stride(0) and x.stride(2)) "
+            "to be multiples of 8",
+        )
     _check(2 <= width <= 4, "causal_conv1d only supports width between 2 and 4")
     if bias_ is not None:
         _check(bias_.dtype == weight.dtype, "bias.scalar_type() == weight_type")
@@ -70,26 +72,46 @@ def causal_conv1d_fwd(x, weight, bias_, seq_idx_, initial_states_, out, final_st
         _check_state(final_states_out_, "final_states", channel_last, x, batch, dim, width)
     ref, _ = _ref()
     with torch.no_grad():
-        res = ref(x, weight, bias_, initial_states=initial_states_,
-                  return_final_states=final_states_out_ is not None,
-                  activation="silu" if silu_activation else None, seq_idx=seq_idx_)
+        res = ref(
+            x,
+            weight,
+            bias_,
+            initial_states=initial_states_,
+            return_final_states=final_states_out_ is not None,
+            activation="silu" if silu_activation else None,
+            seq_idx=seq_idx_,
+        )
     y, final = res if final_states_out_ is not None else (res, None)
     out.copy_(y)
     if final is not None:
         final_states_out_.copy_(final)
 
 
-def causal_conv1d_bwd(x, weight, bias_, dout, seq_idx_, initial_states_, dfinal_states_, dx, dweight, dbias_,
-                      dinitial_states_, silu_activation):
+def causal_conv1d_bwd(
+    x,
+    weight,
+    bias_,
+    dout,
+    seq_idx_,
+    initial_states_,
+    dfinal_states_,
+    dx,
+    dweight,
+    dbias_,
+    dinitial_states_,
+    silu_activation,
+):
     _check((bias_ is None) == (dbias_ is None), "bias_.has_value() == dbias_.has_value()")
     batch, dim, seqlen, width, channel_last = _common(x, weight, bias_, seq_idx_)
     _check_shape(dout, batch, dim, seqlen, name="dout")
     if channel_last:
         if dout.stride(1) != 1:
             dout = dout.transpose(-1, -2).contiguous().transpose(-1, -2)
-        _check(dout.stride(2) % 8 == 0 and dout.stride(0) % 8 == 0,
-               "causal_conv1d with channel last layout requires strides (dout.stride(0) and dout.stride(2)) "
-               "to be multiples of 8")
+        _check(
+            dout.stride(2) % 8 == 0 and dout.stride(0) % 8 == 0,
+            "causal_conv1d with channel last layout requires strides (dout.stride(0) and dout.stride(2)) "
+            "to be multiples of 8",
+        )
     _check(dx.dtype == x.dtype, "dx.scalar_type() == input_type")
     _check_shape(dx, batch, dim, seqlen, name="dx")
     _check(dx.stride(1) == 1 if channel_last else dx.stride(2) == 1, "dx layout matches x")
@@ -104,7 +126,9 @@ def causal_conv1d_bwd(x, weight, bias_, dout, seq_idx_, initial_states_, dfinal_
     # xs = [initial_states | x] (b, d, k-1+l), pre[t] = bias + sum_j w[j] xs[t+j], out = act(pre),
     # final_states = xs[..., -(k-1):].
     w = weight.float()
-    past = initial_states_.float() if initial_states_ is not None else x.new_zeros(batch, dim, width - 1).float()
+    past = (
+        initial_states_.float() if initial_states_ is not None else x.new_zeros(batch, dim, width - 1).float()
+    )
     xs = torch.cat([past, x.float()], dim=-1)
     g = dout.float()
     if silu_activation:
@@ -113,16 +137,18 @@ def causal_conv1d_bwd(x, weight, bias_, dout, seq_idx_, initial_states_, dfinal_
         g = g * sig * (1 + pre * (1 - sig))
     dxs = F.conv1d(F.pad(g, (width - 1, width - 1)), w.flip(-1)[:, None], groups=dim)[..., : xs.shape[-1]]
     if dfinal_states_ is not None:
-        dxs[..., xs.shape[-1] - (width - 1):] += dfinal_states_.float()
+        dxs[..., xs.shape[-1] - (width - 1) :] += dfinal_states_.float()
     dweight.add_(torch.einsum("bct,bctj->cj", g, xs.unfold(-1, width, 1)))
     if dbias_ is not None:
         dbias_.add_(g.sum((0, 2)))
-    dx.copy_(dxs[..., width - 1:])
+    dx.copy_(dxs[..., width - 1 :])
     if dinitial_states_ is not None:
         dinitial_states_.copy_(dxs[..., : width - 1])
 
 
-def causal_conv1d_update(x, conv_state, weight, bias_, out, silu_activation, cache_seqlens_, conv_state_indices_):
+def causal_conv1d_update(
+    x, conv_state, weight, bias_, out, silu_activation, cache_seqlens_, conv_state_indices_
+):
     _check(x.dtype in FLOATS, "input dtype float/half/bf16")
     _check(weight.dtype in FLOATS, "weight dtype float/half/bf16")
     _check(conv_state.dtype == x.dtype, "conv_state.scalar_type() == input_type")
@@ -143,6 +169,12 @@ def causal_conv1d_update(x, conv_state, weight, bias_, out, silu_activation, cac
         _check_shape(cache_seqlens_, batch, name="cache_seqlens")
     _, update_ref = _ref()
     with torch.no_grad():
-        y = update_ref(x, conv_state, weight, bias_, activation="silu" if silu_activation else None,
-                       cache_seqlens=cache_seqlens_)
+        y = update_ref(
+            x,
+            conv_state,
+            weight,
+            bias_,
+            activation="silu" if silu_activation else None,
+            cache_seqlens=cache_seqlens_,
+        )
     out.copy_(y)
