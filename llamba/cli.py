@@ -54,6 +54,9 @@ class LazyGroup(click.Group):
         return getattr(module, attr)
 
     def invoke(self, ctx: click.Context):
+        from llamba.allocator import keep_freed_memory
+
+        keep_freed_memory()  # before any large allocation: no page-fault churn per training step (allocator.py)
         with error_boundary():  # every sub-command: one line per error, never a traceback
             return super().invoke(ctx)
 
