@@ -48,9 +48,8 @@ class ChatSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 256  # the chat report's limit too: kept answers end within it
-    prompt_set: str = (
-        "train"  # "train" (distill/chat_prompts.train_conversations), "open-eval" or "fact-eval"
-    )
+    # "train" (distill/chat_prompts.train_conversations), "open-eval" or "fact-eval"
+    prompt_set: str = "train"
 
     def key(self, fingerprint: str) -> str:
         """Hash of the teacher, the sampling settings and the prompts (the first 64 conversations' user turns), not

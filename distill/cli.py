@@ -465,9 +465,8 @@ def eval_cmd(
             "an interrupted run; re-run the distill command to finish it",
             err=True,
         )
-    if (
-        long_ctx
-    ):  # load both once (student first: a wrong --model fails before the teacher loads) and check lengths
+    # load both once (student first: a wrong --model fails before the teacher loads) and check lengths
+    if long_ctx:
         from llamba.checkpoints import load_model
         from llamba.distill.long_eval import check_lengths, parse_lengths
         from llamba.distill.teacher import get_teacher, resolve_device

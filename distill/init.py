@@ -95,9 +95,8 @@ def build_student(teacher: nn.Module, init: str = "llamba", seed: int = 0, **ove
     torch.manual_seed(seed)
     student = LlambaForCausalLM(config)
     student.config.distillation = {"teacher": getattr(teacher.config, "name_or_path", None) or None}
-    if (
-        getattr(teacher, "generation_config", None) is not None
-    ):  # saved as the student's generation_config.json
+    # saved as the student's generation_config.json
+    if getattr(teacher, "generation_config", None) is not None:
         student.generation_config = teacher.generation_config.__class__.from_dict(
             teacher.generation_config.to_dict()
         )

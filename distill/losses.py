@@ -62,9 +62,8 @@ class _LinearKD(torch.autograd.Function):
         n, T = h.shape[0], temperature
         w = weight.detach().to(dtype)
         hard = bool(hard_weight) and labels is not None
-        hard_scale = (
-            hard_weight * n / max(1, int((labels != -100).sum())) if hard else 0.0
-        )  # mean over labels
+        # the hard-label CE is a mean over the labels, the loss a mean over the n rows
+        hard_scale = hard_weight * n / max(1, int((labels != -100).sum())) if hard else 0.0
         total, grad_h, grad_w = 0.0, [], None
         for i in range(0, n, chunk):
             hc = h[i : i + chunk].detach().to(dtype)

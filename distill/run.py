@@ -374,9 +374,8 @@ class Checkpointer:
 def _consolidated_student(run: StageRun):
     """A plain LlambaForCausalLM with the full weights on rank 0 (gathered from the shards when sharded; every
     rank must call this), None on the other ranks."""
-    if run.model is run.student and not hasattr(
-        run.student, "unshard"
-    ):  # neither FSDP nor DDP: already plain
+    # neither FSDP nor DDP: already plain
+    if run.model is run.student and not hasattr(run.student, "unshard"):
         return run.student
     state = full_state_dict(run.model)  # collective; only rank 0 receives the tensors
     if not run.ctx.is_main:

@@ -99,9 +99,8 @@ class StageSpec:
     teacher_bf16: bool = _default(Stage3Options, "teacher_bf16")
     kd_tokens: str = _default(Stage3Options, "kd_tokens")
     mixer_only: bool = _default(Stage2Options, "mixer_only")
-    epochs: int = (
-        1  # stage 2: passes over tokens / epochs distinct tokens, teacher states cached (teacher_cache.py)
-    )
+    # stage 2: passes over tokens / epochs distinct tokens, teacher states cached (teacher_cache.py)
+    epochs: int = 1
     stream: bool = False  # read --data lazily (distill/stream.py) instead of packing it in memory
     stream_shards: int = 8  # virtual shards of the stream; the number of processes must divide it
 
@@ -132,9 +131,8 @@ class StageSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-        if (
-            self.tokens_per_step > 2 * self.tokens
-        ):  # a run does at most twice its budget (one rounded-up step)
+        # a run does at most twice its budget (one rounded-up step)
+        if self.tokens_per_step > 2 * self.tokens:
             raise UsageError(
                 f"stage {self.stage}: its budget of {self.tokens} tokens is less than half of one optimizer step "
                 f"({self.tokens_per_step} tokens = --seq-len {self.seq_len} x --batch-size {self.batch_size} x "

@@ -23,9 +23,8 @@ class GridVectorEnv(VectorEnv):
         from llamba.envs.tasks import EnvSpec
 
         if options.get("horizon") is None and max_episode_steps is not None:
-            options["horizon"] = (
-                max_episode_steps  # the env's horizon is the time limit (no TimeLimit wrapper)
-            )
+            # the env's horizon is the time limit (no TimeLimit wrapper)
+            options["horizon"] = max_episode_steps
         self.env_spec = EnvSpec(self.family_name, options)
         self.num_envs = num_envs
         self.fixed_tasks = None if tasks is None else np.asarray(tasks, dtype=np.int64)

@@ -102,9 +102,8 @@ def ssd_chunked(x, log_decay, B, C, chunk_size: int, state=None):
     pad = (-l) % q
     c = (l + pad) // q
 
-    def chunks(
-        t,
-    ):  # (b, l, h, e) -> (b, c, h, q, e); padding with x = B = 0, log a = 0 leaves the state alone
+    # (b, l, h, e) -> (b, c, h, q, e); padding with x = B = 0, log a = 0 leaves the state alone
+    def chunks(t):
         t = mx.pad(t.astype(mx.float32), [(0, 0), (0, pad), (0, 0), (0, 0)])
         return t.reshape(b, c, q, h, t.shape[-1]).transpose(0, 1, 3, 2, 4)
 

@@ -16,9 +16,8 @@ def test_governor_gives_way_to_a_busy_process_and_takes_the_cores_back(monkeypat
         torch.set_num_threads(2)
         gov = threads.ThreadGovernor(every_s=5.0)
 
-        def advance(
-            wall, own, others
-        ):  # seconds of wall time, of our CPU time, of the other processes' CPU time
+        # seconds of wall time, of our CPU time, of the other processes' CPU time
+        def advance(wall, own, others):
             clock["wall"] += wall
             clock["own"] += own
             clock["busy"] += own + others
