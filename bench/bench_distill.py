@@ -194,7 +194,7 @@ def bench_busy(stage: int = 3, tokens: int = 6144) -> None:
     import tempfile
 
     from llamba.distill.init import build_student
-    from llamba.distill.run import StageDir
+    from llamba.distill.rundir import StageDir
     from llamba.threads import usable_cores
 
     t = _teacher()
@@ -271,7 +271,7 @@ def bench_compare(base: str = "HEAD", tokens: int = 4096, rounds: int = 2) -> No
     import tempfile
 
     from llamba.distill.init import build_student
-    from llamba.distill.run import StageDir
+    from llamba.distill.rundir import StageDir
 
     t = _teacher()
     root = Path(tempfile.mkdtemp(prefix="bench_compare_"))

@@ -151,7 +151,7 @@ def section(throughput: dict, results: list[dict], note: str, title: str = "In-c
 def from_run(run_dir: str, env: str, config: str, title: str, note: str) -> str:
     """A BENCHMARKS.md section from the runs finished so far in a run directory (see `llamba icrl report`)."""
     from llamba.icrl.config import load_config
-    from llamba.icrl.runner import report
+    from llamba.icrl.report import report
 
     cfg = load_config(env, config)
     summary = report(cfg, run_dir)

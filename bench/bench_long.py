@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     from llamba.checkpoints import load_model
     from llamba.distill.cli import quiet_hf
-    from llamba.distill.long_eval import check_lengths, long_report, parse_lengths, tables
+    from llamba.distill.long_eval import LongSettings, check_lengths, long_report, parse_lengths, tables
     from llamba.distill.teacher import get_teacher, resolve_device
 
     quiet_hf()
@@ -62,15 +62,14 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
+    settings = LongSettings(
+        lengths, depths, seeds=args.seeds, needle_seeds=args.needle_seeds, ppl_rows=args.ppl_rows
+    )
     report = long_report(
         student,
         teacher.model,
         teacher.tokenizer,
-        lengths,
-        depths,
-        seeds=args.seeds,
-        needle_seeds=args.needle_seeds,
-        ppl_rows=args.ppl_rows,
+        settings,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
     wall = time.perf_counter() - t0

@@ -37,7 +37,7 @@ from common import ROOT, append_section, markdown_table  # noqa: E402
 # data before chat data); quality_chat.jsonl: on the teacher's chat data, with the chat report's columns.
 RESULTS = ROOT / "bench" / "results" / "quality_chat.jsonl"
 
-# name -> (lever, what it changes, distill_all keyword arguments). "default" is whatever the code defaults are.
+# name -> (lever, what it changes, DistillConfig.of keyword arguments). "default" is whatever the code defaults are.
 # Variants compose: `--variant demo-lr+split-s2` merges both (later ones win, stage by stage).
 VARIANTS: dict[str, tuple[str, str, dict]] = {
     "default": ("ladder", "the defaults of `llamba distill all`", {}),
@@ -141,7 +141,7 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
 
 
 def variant_kwargs(name: str) -> tuple[str, str, dict]:
-    """'a+b' -> (lever of the last part, descriptions joined, merged distill_all kwargs)."""
+    """'a+b' -> (lever of the last part, descriptions joined, merged DistillConfig.of kwargs)."""
     parts = name.split("+")
     unknown = [p for p in parts if p not in VARIANTS]
     if unknown:
@@ -224,9 +224,11 @@ def run_rungs(
 ) -> None:
     from llamba.checkpoints import load_model
     from llamba.distill.cli import quiet_hf
+    from llamba.distill.config import DistillConfig
     from llamba.distill.data import build_token_data, load_documents
     from llamba.distill.evaluate import evaluate_tokens
-    from llamba.distill.run import distill_all, get_teacher, resolve_device
+    from llamba.distill.run import distill_all
+    from llamba.distill.teacher import get_teacher, resolve_device
 
     torch.set_num_threads(threads)
     quiet_hf()  # no transformers progress bars between the JSON rows
@@ -250,17 +252,18 @@ def run_rungs(
         shutil.rmtree(out, ignore_errors=True)
         load0 = os.getloadavg()[0]
         c0, w0 = cpu_seconds(), time.perf_counter()
-        res = distill_all(
+        cfg = DistillConfig.of(
             teacher=teacher,
-            out=out,
+            out=str(out),
             tokens=tokens,
             device=str(dev),
-            progress=False,
+            no_progress=True,
             seed=seed,
             eval_tokens=eval_tokens,
-            ckpt_every_s=1e9,
+            ckpt_every=1e9,
             **kwargs,
         )
+        res = distill_all(cfg)
         cpu, wall = cpu_seconds() - c0, time.perf_counter() - w0
         ev = res["eval"]
         student = load_model(out / "stage3")

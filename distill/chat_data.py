@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from llamba.chat import prompt_ids
 from llamba.distill.teacher import cache_root
 from llamba.errors import DataError
 from llamba.generate import SamplingParams, process_logits
@@ -104,12 +105,6 @@ def render(tokenizer, messages: list[dict]) -> str:
     template's trailing newline: the packer joins documents with EOS, which the text then already ends with."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     return text[:-1] if text.endswith("\n") else text
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The conversation so far plus the assistant header: what the model answers from."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from llamba.chat import prompt_ids
 from llamba.distill.chat_data import (
     ChatMarkers,
     ChatSettings,
     assistant_mask,
     has_chat_template,
     left_pad,
-    prompt_ids,
     record_tokens,
     teacher_chat,
 )

@@ -7,18 +7,10 @@ import json
 
 import click
 
-from llamba.distill.distributed import STRATEGIES, TEACHER_STRATEGIES
-from llamba.distill.init import INIT_CHOICES
-from llamba.distill.options import click_options, option, pick
-from llamba.distill.stages import (
-    DEFAULT_BATCH,
-    DEFAULT_LR,
-    DEFAULT_SEQ_LEN,
-    PRECISIONS,
-    STAGES,
-    TOKEN_SHARE,
-    StageSpec,
-)
+from llamba.distill.config import DEFAULT_TOTAL_TOKENS, DistillConfig
+from llamba.distill.evaluate import EvalOptions
+from llamba.distill.options import click_options, pick
+from llamba.distill.stages import STAGES
 from llamba.errors import guarded
 from llamba.threads import configure as configure_threads
 
@@ -28,126 +20,6 @@ def quiet_hf() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-@dataclasses.dataclass
-class RunOptions:
-    """What every `llamba distill` command reads (stage-only options: the stage records' option classes)."""
-
-    teacher: str = option(
-        "default", "'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF directory or hub name."
-    )
-    data: str | None = option(
-        None,
-        "default: 'chat', conversations sampled from the teacher with its chat "
-        "template (shipped for the embedded teacher, else sampled once and cached; "
-        "'chat:N' for N of them); 'python-docs' for CPython's language reference; a "
-        ".txt/.jsonl/.parquet file or directory; or a HF dataset name.",
-    )
-    text_field: str = option("text", "Field holding the text in JSONL/Parquet.")
-    out: str = option(
-        "runs/distill",
-        "Run directory (re-run the same command to resume; another teacher, data or setting is refused).",
-    )
-    tokens: int | None = option(
-        None,
-        f"Token budget (all: the total, split over the stages by the records' token shares {TOKEN_SHARE}).",
-        low=1,
-    )
-    seq_len: int | None = option(None, f"Sequence length (default per stage: {DEFAULT_SEQ_LEN}).", low=2)
-    batch_size: int | None = option(
-        None, f"Sequences per micro-batch (default per stage: {DEFAULT_BATCH}).", low=1
-    )
-    grad_accum: int | None = option(None, f"Micro-batches per step ({StageSpec.grad_accum}).", low=1)
-    lr: float | None = option(
-        None, f"Peak LR of the WSD schedule (default per stage: {DEFAULT_LR}).", low=0, low_open=True
-    )
-    seed: int = option(StageSpec.seed, "Seed of the student init and the batch order.")
-    init: str = option("llamba", "Mixer init of the student (stage 1 start).", choices=INIT_CHOICES)
-    qk_heads: int | None = option(
-        None,
-        "B/C head groups of the student's mixers (n_qk_heads; default: one per "
-        "teacher attention head). The teacher's KV-head count (3 for SmolLM2) shares "
-        "B and C like GQA shares K and V: fewer weights and a faster forward; see "
-        "BENCHMARKS.md for its quality cost.",
-        low=1,
-    )
-    precision: str = option(
-        StageSpec.precision,
-        "auto = bf16 on a GPU that supports it (FSDP2: bf16 params/compute, "
-        "fp32 master weights and reductions; DDP / one process: bf16 autocast) and bf16 autocast on "
-        "a CPU with avx512_bf16/amx_bf16 (LLAMBA_CPU_BF16=0 disables), fp32 elsewhere; fp32 turns "
-        "both off.",
-        choices=PRECISIONS,
-    )
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    ckpt_every: float = option(120.0, "Seconds between resumable checkpoints.", low=0)
-    no_progress: bool = option(False, "No progress bar.")
-    strategy: str = option(
-        "auto",
-        "Student data parallelism under torchrun: auto = FSDP2 with >1 process, none "
-        "with 1; ddp replicates (whole-model stages: the model, per-block stages: each "
-        "block).",
-        choices=STRATEGIES,
-    )
-    teacher_strategy: str = option(
-        "auto",
-        "Teacher under torchrun: replicate, fsdp (FSDP2 per decoder layer), or "
-        "auto = fsdp only when the memory plan does not fit with a replicated "
-        "teacher.",
-        choices=TEACHER_STRATEGIES,
-    )
-    activation_checkpointing: bool = option(False, "Recompute each block's activations in backward.")
-    threads: int | None = option(
-        None,
-        "Torch threads per process (default: auto = the cores other processes leave "
-        "free, re-checked every 5 s while training, so a busy machine slows a stage "
-        "down instead of stalling it at OpenMP barriers).",
-        low=1,
-    )
-    stream: bool = option(
-        False,
-        "Read --data lazily (JSONL/Parquet files, a directory of them, or a HF dataset in "
-        "streaming mode), tokenize and pack on the fly; the data position is checkpointed "
-        "and resumes exactly.",
-    )
-    stream_shards: int = option(
-        StageSpec.stream_shards,
-        "Virtual shards of the stream: each rank reads its own; the number of processes must divide it.",
-        low=1,
-    )
-
-    SPEC_FIELDS = (
-        "seq_len",
-        "batch_size",
-        "grad_accum",
-        "lr",
-        "seed",
-        "precision",
-        "stream",
-        "stream_shards",
-    )
-
-    def run_kwargs(self, *stage_options) -> dict:
-        """Keyword arguments of distill.run.distill_stage / distill_all (less the command's own)."""
-        spec = {k: getattr(self, k) for k in self.SPEC_FIELDS if getattr(self, k) is not None}
-        for opts in stage_options:
-            spec.update(dataclasses.asdict(opts))
-        return dict(
-            teacher=self.teacher,
-            out=self.out,
-            data=self.data,
-            init=self.init,
-            qk_heads=self.qk_heads,
-            device=self.device,
-            text_field=self.text_field,
-            progress=not self.no_progress,
-            ckpt_every_s=self.ckpt_every,
-            strategy=self.strategy,
-            teacher_strategy=self.teacher_strategy,
-            activation_checkpointing=self.activation_checkpointing,
-            **spec,
-        )
 
 
 def _is_main_process() -> bool:
@@ -242,10 +114,19 @@ def distill() -> None:
     """
 
 
+def config_of(values: dict, *stage_options) -> DistillConfig:
+    """The run's config from a command's keyword arguments: DistillConfig's own fields, and the stage option
+    classes' fields (StageSpec fields only those stages read) as spec overrides for every stage."""
+    cfg = pick(DistillConfig, values)
+    for options in stage_options:
+        cfg.spec_overrides.update(dataclasses.asdict(pick(options, values)))
+    return cfg
+
+
 def _make_stage_command(stage: int):
     record = STAGES[stage]
 
-    @click_options(RunOptions, record.options)
+    @click_options(DistillConfig, record.options)
     @click.option(
         "--init-from",
         type=click.Path(exists=True, file_okay=False),
@@ -257,16 +138,15 @@ def _make_stage_command(stage: int):
         quiet_hf()
         from llamba.distill.run import distill_stage
 
-        run = pick(RunOptions, o)
-        configure_threads(run.threads)
-        summary = distill_stage(
-            stage, tokens=run.tokens, init_from=init_from, **run.run_kwargs(pick(record.options, o))
-        )
+        cfg = config_of(o, record.options)
+        cfg.init_from = init_from
+        configure_threads(cfg.threads)
+        summary = distill_stage(stage, cfg)
         if not _is_main_process() or summary.get("already_done"):  # distill_stage said so in one line
             return
         click.echo(
             f"stage {stage}: {summary['tokens']} tokens, loss {summary['final_loss']:.4f}, "
-            f"{summary['tok_s']:.0f} tok/s -> {run.out}/stage{stage}"
+            f"{summary['tok_s']:.0f} tok/s -> {cfg.out}/stage{stage}"
         )
 
     command.__doc__ = f"Stage {stage}: {record.name}."
@@ -278,7 +158,7 @@ for _k in STAGES:
 
 
 @distill.command(name="all")
-@click_options(RunOptions, *(s.options for s in STAGES.values()))
+@click_options(DistillConfig, *(s.options for s in STAGES.values()))
 @click.option(
     "--eval-tokens",
     type=click.IntRange(min=2),
@@ -290,15 +170,12 @@ for _k in STAGES:
 def all_cmd(eval_tokens, **o):
     """Init, every stage in order and the held-out evaluation, resumable (the README's main job)."""
     quiet_hf()
-    from llamba.distill.run import DEFAULT_TOTAL_TOKENS, distill_all
+    from llamba.distill.run import distill_all
 
-    run = pick(RunOptions, o)
+    run = config_of(o, *(s.options for s in STAGES.values()))
+    run.tokens, run.eval_tokens = run.tokens or DEFAULT_TOTAL_TOKENS, eval_tokens
     configure_threads(run.threads)
-    result = distill_all(
-        tokens=run.tokens or DEFAULT_TOTAL_TOKENS,
-        eval_tokens=eval_tokens,
-        **run.run_kwargs(*(pick(s.options, o) for s in STAGES.values())),
-    )
+    result = distill_all(run)
     if not _is_main_process():
         return
     init = result["init"]
@@ -385,22 +262,7 @@ def chat_data_cmd(teacher, n, batch_size, device, ship):
     "--model", required=True, type=click.Path(), help="Llamba checkpoint directory (e.g. RUN/stage3)."
 )
 @click.option("--teacher", default="default", show_default=True)
-@click.option("--data", default=None, help="As in `llamba distill` (its held-out split is used).")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(min=2), default=2048, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--stream", is_flag=True, help="Evaluate on the held-out documents of a `distill --stream` run."
-)
-@click.option(
-    "--chat/--no-chat",
-    default=True,
-    show_default=True,
-    help="Also the generation-based chat report on prompts that never enter training: factual answers "
-    "kept, chat and general-prose perplexity ratios, answers that end (needs a chat template).",
-)
+@click_options(EvalOptions)
 @click.option(
     "--long/--no-long",
     "long_ctx",
@@ -433,23 +295,7 @@ def chat_data_cmd(teacher, n, batch_size, device, ship):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @guarded
-def eval_cmd(
-    model,
-    teacher,
-    data,
-    text_field,
-    seq_len,
-    max_tokens,
-    batch_size,
-    device,
-    stream,
-    chat,
-    long_ctx,
-    long_lengths,
-    long_seeds,
-    long_needle_seeds,
-    as_json,
-):
+def eval_cmd(model, teacher, long_ctx, long_lengths, long_seeds, long_needle_seeds, as_json, **o):
     """Teacher vs student: the chat report (what the student generates, beside the teacher), perplexity on the
     data's held-out split, mean KL, top-1 agreement, per-layer hidden-state error; with --long, the long-context
     report."""
@@ -458,6 +304,7 @@ def eval_cmd(
 
     from llamba.distill.evaluate import evaluate
 
+    opts = EvalOptions(**o)
     stage = Path(model)
     if (stage / "spec.json").is_file() and not (stage / "DONE.json").is_file():
         click.echo(
@@ -468,36 +315,19 @@ def eval_cmd(
     # load both once (student first: a wrong --model fails before the teacher loads) and check lengths
     if long_ctx:
         from llamba.checkpoints import load_model
-        from llamba.distill.long_eval import check_lengths, parse_lengths
+        from llamba.distill.long_eval import LongSettings, check_lengths, parse_lengths
         from llamba.distill.teacher import get_teacher, resolve_device
 
-        lengths = parse_lengths(long_lengths)
-        model = load_model(model, device=resolve_device(device))
+        settings = LongSettings(parse_lengths(long_lengths), seeds=long_seeds, needle_seeds=long_needle_seeds)
+        model = load_model(model, device=resolve_device(opts.device))
         teacher = get_teacher(teacher, model.device)
-        check_lengths(lengths, teacher.model.config)
-    ev = evaluate(
-        model,
-        teacher=teacher,
-        data=data,
-        seq_len=seq_len,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        device=device,
-        text_field=text_field,
-        stream=stream,
-        chat=chat,
-    )
+        check_lengths(settings.lengths, teacher.model.config)
+    ev = evaluate(model, teacher, opts)
     if long_ctx:
         from llamba.distill.long_eval import long_report
 
         ev["long"] = long_report(
-            model,
-            teacher.model,
-            teacher.tokenizer,
-            lengths,
-            seeds=long_seeds,
-            needle_seeds=long_needle_seeds,
-            log=lambda m: click.echo(m, err=True),
+            model, teacher.model, teacher.tokenizer, settings, log=lambda m: click.echo(m, err=True)
         )
     if as_json:
         click.echo(json.dumps(ev, indent=1))

@@ -273,15 +273,15 @@ def memory_plan(
     student: nn.Module,
     teacher: nn.Module | None,
     ctx: DistContext,
-    strategy: str,
-    seq_len: int,
-    micro_batch: int,
-    activation_checkpointing: bool = False,
+    rows: tuple[int, int],
+    strategy: str = "none",
     teacher_strategy: str = "replicate",
+    activation_checkpointing: bool = False,
     stage_bytes: float = 0.0,
 ) -> dict[str, float]:
-    """Bytes per rank (GiB): student params, gradients, AdamW state (2 fp32 moments), teacher (its dtype, 1/N of
-    it when sharded), activations, and `stage_bytes` (the stage record's own estimate).
+    """Bytes per rank (GiB) of a step on `rows` = (micro-batch per rank, sequence length): student params,
+    gradients, AdamW state (2 fp32 moments), teacher (its dtype, 1/N of it when sharded), activations, and
+    `stage_bytes` (the stage record's own estimate).
 
     Activations are estimated as ~34 * d * tokens bytes per block without checkpointing (a Llama-block rule of
     thumb, fp32) and one block's worth plus the residual streams with it."""
@@ -291,7 +291,7 @@ def memory_plan(
     n_teacher = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
     cfg = getattr(student, "config", None)
     d, layers = (cfg.d_model, cfg.n_layer) if cfg is not None else (1024, 1)
-    tokens = seq_len * micro_batch
+    tokens = rows[0] * rows[1]
     per_block = 34 * d * tokens
     acts = (per_block + layers * d * tokens * 4) if activation_checkpointing else layers * per_block
     teacher_bytes = n_teacher * (2 if bf16_supported(ctx.device) else 4)

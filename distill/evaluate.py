@@ -11,6 +11,7 @@ the error read ~0.99 whatever the student does, while the mixers have no use for
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from llamba.checkpoints import load_model
 from llamba.distill.data import load_documents, pack, split_documents
+from llamba.distill.options import option
 from llamba.distill.teacher import get_teacher, resolve_device, teacher_residuals
 from llamba.errors import UsageError
 
@@ -92,26 +94,38 @@ def heldout_rows(
     return pack(teacher.tokenizer, held, seq_len)
 
 
+@dataclass
+class EvalOptions:
+    """What `evaluate` measures on (its fields are `llamba eval`'s options)."""
+
+    data: str | None = option(
+        None, "As in `llamba distill` (its held-out split is used).", show_default=False
+    )
+    text_field: str = option("text", "Field holding the text in JSONL/Parquet.")
+    seq_len: int = option(256, "Length of the held-out rows.", low=2)
+    max_tokens: int = option(2048, "Held-out tokens to evaluate on (whole rows).", low=2)
+    batch_size: int = option(4, "Rows per forward.", low=1)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    stream: bool = option(False, "Evaluate on the held-out documents of a `distill --stream` run.")
+    chat: bool = option(
+        True,
+        "Also the generation-based chat report on prompts that never enter training: factual answers "
+        "kept, chat and general-prose perplexity ratios, answers that end (needs a chat template).",
+    )
+    per_layer: bool = True  # the teacher-forced per-layer error (one block call per layer and row)
+
+
 def evaluate(
-    model,
-    teacher="default",
-    data=None,
-    seq_len: int = 256,
-    max_tokens: int = 2048,
-    batch_size: int = 4,
-    per_layer: bool = True,
-    device: str = "auto",
-    text_field: str = "text",
-    docs: list[str] | None = None,
-    stream: bool = False,
-    chat: bool = True,
+    model, teacher="default", opts: EvalOptions | None = None, docs: list[str] | None = None
 ) -> dict:
     """model: a Llamba checkpoint directory or a LlambaForCausalLM; teacher: a spec for load_teacher, a
-    (model, tokenizer) pair or a run.Teacher; data: a --data spec (its held-out split is used; `stream`: the
-    held-out documents of a `--stream` run). Evaluates on up to max_tokens held-out tokens in rows of seq_len.
-    Returns the metrics dict of `evaluate_tokens`, plus under "chat" the generation-based report of
-    distill/chat_eval.py (with `chat` and a teacher tokenizer that has a chat template)."""
-    dev = resolve_device(device)
+    (model, tokenizer) pair or a run.Teacher; opts.data: a --data spec (its held-out split is used; `stream`: the
+    held-out documents of a `--stream` run; `docs`: the run's documents, already loaded). Evaluates on up to
+    max_tokens held-out tokens in rows of seq_len. Returns the metrics dict of `evaluate_tokens`, plus under "chat"
+    the generation-based report of distill/chat_eval.py (with `chat` and a teacher tokenizer that has a chat
+    template)."""
+    o = opts or EvalOptions()
+    seq_len, dev = o.seq_len, resolve_device(o.device)
     # The student first: a wrong --model fails at once, before the teacher is loaded (or converted from GGUF).
     student = load_model(model, device=dev) if isinstance(model, (str, Path)) else model.to(dev)
     t = get_teacher(teacher, dev)
@@ -126,10 +140,10 @@ def evaluate(
             f"student has {student.config.n_layer} layers but the teacher has {t_layers}: they were not "
             "distilled from each other; pass the --teacher the student was distilled from"
         )
-    held = heldout_rows(t, seq_len, data, text_field, docs, stream)
-    n = max(1, min(held.shape[0], max_tokens // seq_len))
-    out = evaluate_tokens(student, t.model, held[:n].to(dev), batch_size, per_layer)
-    if chat:
+    held = heldout_rows(t, seq_len, o.data, o.text_field, docs, o.stream)
+    n = max(1, min(held.shape[0], o.max_tokens // seq_len))
+    out = evaluate_tokens(student, t.model, held[:n].to(dev), o.batch_size, o.per_layer)
+    if o.chat:
         from llamba.distill.chat_eval import chat_report
 
         out["chat"] = chat_report(student, t.model, t.tokenizer)

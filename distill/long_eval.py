@@ -144,7 +144,7 @@ def _needle(task: str, rng: random.Random) -> tuple[str, str, str, str]:
 
 
 def _encode(tokenizer, content: str):
-    """content of one user turn -> (templated text, its encoding with offsets); the ids equal chat_data.prompt_ids."""
+    """content of one user turn -> (templated text, its encoding with offsets); the ids equal llamba.chat.prompt_ids."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
@@ -339,22 +339,26 @@ def check_lengths(lengths, teacher_config) -> None:
         )
 
 
-def long_report(
-    student,
-    teacher,
-    tokenizer,
-    lengths=LENGTHS,
-    depths=DEPTHS,
-    seeds: int = 2,
-    needle_seeds: int = 1,
-    ppl_rows: int = 1,
-    answer_tokens: int | None = None,
-    log=print,
-) -> dict:
-    """Passkey and needle retrieval at every (length, depth), `seeds` / `needle_seeds` prompts per cell (0: not that
-    task), teacher and student greedy on the same ids, `answer_tokens` new tokens (default: ANSWER_TOKENS of the
-    task); then perplexity by position on `ppl_rows` rows (0: none) of the long text, as long as the longest length.
-    -> dict: `cells` (one per task, length, depth), `trials` (every answer), `position_ppl`, `seconds`."""
+@dataclass(frozen=True)
+class LongSettings:
+    """What the long-context report asks: `seeds` passkey and `needle_seeds` needle prompts (0: not that task) per
+    (length, depth), `answer_tokens` new tokens (default: ANSWER_TOKENS of the task), perplexity by position on
+    `ppl_rows` rows (0: none) of long text as long as the longest length."""
+
+    lengths: tuple[int, ...] = LENGTHS
+    depths: tuple[float, ...] = DEPTHS
+    seeds: int = 2
+    needle_seeds: int = 1
+    ppl_rows: int = 1
+    answer_tokens: int | None = None
+
+
+def long_report(student, teacher, tokenizer, settings: LongSettings = LongSettings(), log=print) -> dict:
+    """Passkey and needle retrieval at every (length, depth) of `settings`, teacher and student greedy on the same
+    ids; then perplexity by position. -> dict: `cells` (one per task, length, depth), `trials` (every answer),
+    `position_ppl`, `seconds`."""
+    depths, seeds, needle_seeds = settings.depths, settings.seeds, settings.needle_seeds
+    ppl_rows, answer_tokens, lengths = settings.ppl_rows, settings.answer_tokens, settings.lengths
     lengths = tuple(sorted(set(lengths)))
     check_lengths(lengths, teacher.config)
     if student.config.vocab_size != teacher.config.vocab_size:

@@ -57,9 +57,10 @@ class _LinearKD(torch.autograd.Function):
     autocast would), softmaxes and sums in fp32."""
 
     @staticmethod
-    def forward(ctx, h, weight, t_logits, labels, temperature, hard_weight, dtype, chunk):
-        # h: (n, d), weight: (v, d), t_logits: (n, v), labels: (n,) or None -> scalar
-        n, T = h.shape[0], temperature
+    def forward(ctx, h, weight, t_logits, labels, settings):
+        # h: (n, d), weight: (v, d), t_logits: (n, v), labels: (n,) or None; settings: (T, hard_weight, dtype, chunk)
+        T, hard_weight, dtype, chunk = settings
+        n = h.shape[0]
         w = weight.detach().to(dtype)
         hard = bool(hard_weight) and labels is not None
         # the hard-label CE is a mean over the labels, the loss a mean over the n rows
@@ -95,7 +96,7 @@ class _LinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
 def linear_kd_loss(
@@ -116,7 +117,7 @@ def linear_kd_loss(
     if h.shape[0] == 0:
         return (h.sum() + weight.sum()) * 0.0
     return _LinearKD.apply(
-        h, weight, teacher_logits, labels, temperature, hard_weight, dtype or h.dtype, chunk
+        h, weight, teacher_logits, labels, (temperature, hard_weight, dtype or h.dtype, chunk)
     )
 
 

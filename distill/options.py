@@ -1,4 +1,4 @@
-"""Command-line options as dataclasses: one `RunOptions` for what every distill command reads, one per stage for
+"""Command-line options as dataclasses: `DistillConfig` (distill/config.py) for what every distill command reads, one per stage for
 what only that stage reads (registered in stages.STAGES). `click_options` turns their fields into click options,
 so each command's --help lists only what it uses, and every default lives in one place (the field).
 

@@ -2,11 +2,11 @@
 
 `STAGES` is the one registry of stages: each `Stage` record names its defaults (LR, token share, sequence length),
 which parameters it trains, whether the loop hands its step the student's blocks or the whole model, its step
-function and the StageSpec fields only it uses. run.py and the CLI read everything from it, so adding a stage is
+function and the StageSpec fields only it uses. train.py, run.py and the CLI read everything from it, so adding a stage is
 one record plus its step function (and its test); see docs/extending.md.
 
 Every stage reads the teacher through its own forward (hooks, teacher.py); the training loop shared by all three
-lives in run.py. A `StageSpec` holds every setting of one stage and is stored beside its checkpoints.
+lives in train.py. A `StageSpec` holds every setting of one stage and is stored beside its checkpoints.
 """
 
 from __future__ import annotations
@@ -443,42 +443,42 @@ class Stage:
 # single gain measured at small budgets.
 STAGES: dict[int, Stage] = {
     1: Stage(
-        1,
-        "matrix orientation",
-        1e-3,
-        0.02,
-        64,
-        4,
-        _trains_stage1,
-        True,
-        stage1_step,
-        Stage1Options,
-        _stage1_memory,
+        number=1,
+        name="matrix orientation",
+        lr=1e-3,
+        token_share=0.02,
+        seq_len=64,
+        batch_size=4,
+        trains=_trains_stage1,
+        per_block=True,
+        step=stage1_step,
+        options=Stage1Options,
+        memory=_stage1_memory,
     ),
     2: Stage(
-        2,
-        "hidden-state alignment",
-        1e-3,
-        0.48,
-        128,
-        2,
-        _trains_stage2,
-        True,
-        stage2_step,
-        Stage2Options,
+        number=2,
+        name="hidden-state alignment",
+        lr=1e-3,
+        token_share=0.48,
+        seq_len=128,
+        batch_size=2,
+        trains=_trains_stage2,
+        per_block=True,
+        step=stage2_step,
+        options=Stage2Options,
         epochs=4,
     ),
     3: Stage(
-        3,
-        "end-to-end knowledge distillation",
-        1.5e-4,
-        0.50,
-        128,
-        2,
-        _trains_stage3,
-        False,
-        stage3_step,
-        Stage3Options,
+        number=3,
+        name="end-to-end knowledge distillation",
+        lr=1.5e-4,
+        token_share=0.50,
+        seq_len=128,
+        batch_size=2,
+        trains=_trains_stage3,
+        per_block=False,
+        step=stage3_step,
+        options=Stage3Options,
     ),
 }
 

@@ -69,6 +69,10 @@ class EnvFamily:
     task_kwargs: Callable[[Any], dict]  # one task -> env constructor kwargs
     parse_task: Callable[[Any, int], Any]  # user task (cells or (row, col)) and size -> canonical task
     draw_tasks: Callable[[np.random.Generator, int, int], np.ndarray]  # (rng, k, size) -> k random tasks
+    subgoals: int  # rewarded cells of a task, reached in order (goal: 1; key, then door: 2)
+    ends_early: (
+        str  # the option that ends an episode at its last subgoal (else every episode runs the horizon)
+    )
 
 
 FAMILIES: dict[str, EnvFamily] = {}
@@ -93,6 +97,8 @@ register_family(
         task_kwargs=lambda task: {"goal": int(task)},
         parse_task=to_cell,
         draw_tasks=_draw_goals,
+        subgoals=1,
+        ends_early="terminate_on_goal",
     )
 )
 register_family(
@@ -110,6 +116,8 @@ register_family(
         task_kwargs=lambda task: {"key": int(task[0]), "door": int(task[1])},
         parse_task=lambda task, size: [to_cell(c, size) for c in task],
         draw_tasks=_draw_pairs,
+        subgoals=2,
+        ends_early="terminate_at_door",
     )
 )
 
@@ -156,6 +164,15 @@ class EnvSpec:
     @property
     def size(self) -> int:
         return self.kwargs["size"]
+
+    @property
+    def subgoals(self) -> int:
+        return self.family.subgoals
+
+    @property
+    def fixed_length(self) -> bool:
+        """Every episode runs `horizon` steps (none ends at its last subgoal)."""
+        return not self.kwargs.get(self.family.ends_early)
 
     @property
     def horizon(self) -> int:

@@ -1,19 +1,18 @@
-"""Multi-turn chat over either backend, carrying the context in the recurrent state.
+"""The MLX engine of the chat (`llamba.chat.Engine` over the MLX twin) and the choice of backend for a model path.
 
-Each turn renders the whole conversation with the tokenizer's chat template and feeds only the part the state
-has not read (`llamba.generate.incremental_ids`); when the template rewrites history, it re-prefills once.
+The chat itself (session, prompt rendering, text stream) is backend-neutral and lives in llamba/chat.py.
 """
 
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from llamba.export.convert import ExportError, load_tokenizer
-from llamba.generate import SamplingParams, chat_stop_ids, incremental_ids
+from llamba.chat import TorchEngine
+from llamba.checkpoints import CheckpointError
+from llamba.export.convert import ExportError
+from llamba.generate import SamplingParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 MLX_INSTALL = "pip install 'mlx-lm[cpu]' (Linux) or pip install mlx-lm (macOS), or pip install -e '.[mlx]'"
@@ -80,34 +79,6 @@ class MlxEngine:
         return mx.get_peak_memory()
 
 
-class TorchEngine:
-    name = "torch"
-
-    def __init__(self, path: str | Path):
-        from llamba.checkpoints import CheckpointError, load_model
-
-        try:
-            self.model = load_model(path)
-        except CheckpointError as e:
-            raise ExportError(str(e)) from None
-        self.tokenizer = load_tokenizer(None, Path(path))
-
-    def new_state(self):
-        return self.model.alloc_state(1)
-
-    def stream(self, ids: list[int], state, params: SamplingParams) -> Iterator[int]:
-        from llamba.generate import stream_generate
-
-        return stream_generate(self.model, ids, params, state)
-
-    def reset_peak_memory(self) -> None:  # the process high-water mark cannot be reset
-        pass
-
-    def peak_memory(self) -> int:
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def open_engine(path: str | Path, backend: str = "auto"):
     """backend 'auto' picks MLX for an exported directory (config.json names a model_file), else PyTorch."""
     path = Path(path)
@@ -133,67 +104,9 @@ def open_engine(path: str | Path, backend: str = "auto"):
             ) from None
         exported = isinstance(raw, dict) and "model_file" in raw
         backend = "mlx" if exported else "torch"
-    return MlxEngine(path) if backend == "mlx" else TorchEngine(path)
-
-
-def render(tokenizer, messages: list[dict]) -> list[int]:
-    """messages -> prompt ids of the chat template with the assistant turn opened."""
-    if not tokenizer.chat_template:
-        raise ExportError("the tokenizer has no chat template; use `llamba generate --raw`")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def prompt_messages(prompt: str, system: str | None = None) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-class ChatSession:
-    """A conversation whose context lives in one recurrent state. `send` streams the answer's token ids."""
-
-    def __init__(self, engine, params: SamplingParams, system: str | None = None):
-        self.engine, self.tokenizer, self.system = engine, engine.tokenizer, system
-        self.params = params.with_overrides(
-            stop_token_ids=params.stop_token_ids or chat_stop_ids(self.tokenizer)
-        )
-        self.reset()
-
-    def reset(self) -> None:
-        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self.state = self.engine.new_state()
-        self.fed: list[int] = []  # ids the state has read
-        self.prefilled = 0  # tokens fed for the last turn's prompt
-
-    def send(self, text: str) -> Iterator[int]:
-        self.messages.append({"role": "user", "content": text})
-        full = render(self.tokenizer, self.messages)
-        suffix = incremental_ids(self.fed, full)
-        if suffix is None:  # the template re-wrote earlier turns: start over from the full conversation
-            self.state, self.fed, suffix = self.engine.new_state(), [], full
-        self.prefilled = len(suffix)
-        answer: list[int] = []
-        for tok in self.engine.stream(suffix, self.state, self.params):
-            answer.append(tok)
-            yield tok
-        self.fed = full + answer
-        content = [t for t in answer if t not in self.params.stop_token_ids]
-        self.messages.append(
-            {"role": "assistant", "content": self.tokenizer.decode(content, skip_special_tokens=True)}
-        )
-
-
-class TextStream:
-    """Token ids -> printable text increments (holds back incomplete multi-byte characters)."""
-
-    def __init__(self, tokenizer, skip: tuple[int, ...] = ()):
-        self.tokenizer, self.skip, self.ids, self.printed = tokenizer, set(skip), [], ""
-
-    def push(self, tok: int) -> str:
-        if tok in self.skip:
-            return ""
-        self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.printed = text[len(self.printed) :], text
-        return new
+    if backend == "mlx":
+        return MlxEngine(path)
+    try:
+        return TorchEngine(path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None

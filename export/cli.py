@@ -1,4 +1,4 @@
-"""`llamba export mlx`, `llamba chat`, `llamba generate`: argument parsing over export.convert / export.chat.
+"""`llamba export mlx`, `llamba chat`, `llamba generate`: argument parsing over export.convert / llamba.chat.
 
 Nothing here imports mlx, torch or transformers at module level, so `--help` is fast and `--backend torch`
 works without mlx."""
@@ -175,7 +175,7 @@ def _stats(n_prompt: int, t_prompt: float, n_gen: int, t_gen: float, peak: int) 
 def _stream(engine, tokens, stop: tuple[int, ...], n_prompt) -> list[int]:
     """Echo the tokens of an iterator as text as they come, then the speed line on stderr.
     n_prompt: a callable giving the number of prompt tokens fed (known once the iterator has started)."""
-    from llamba.export.chat import TextStream
+    from llamba.chat import TextStream
 
     out = TextStream(engine.tokenizer, stop)
     engine.reset_peak_memory()
@@ -201,7 +201,7 @@ def chat(
     model_path, backend, compile_step, max_tokens, temp, top_p, top_k, repetition_penalty, seed, system
 ) -> None:
     """Multi-turn chat; the context is carried in the recurrent state. /reset clears it, /exit quits."""
-    from llamba.export.chat import ChatSession
+    from llamba.chat import ChatSession
     from llamba.generate import SamplingParams
 
     engine = _engine(model_path, backend, compile_step)
@@ -257,7 +257,7 @@ def generate(
     raw,
 ) -> None:
     """One-shot generation for scripts: the answer on stdout, a speed line on stderr."""
-    from llamba.export.chat import prompt_messages, render
+    from llamba.chat import prompt_ids, prompt_messages
     from llamba.generate import SamplingParams, chat_stop_ids
 
     engine = _engine(model_path, backend, compile_step)
@@ -268,7 +268,7 @@ def generate(
         ids = (
             tok.encode(prompt, add_special_tokens=True)
             if raw
-            else render(tok, prompt_messages(prompt, system))
+            else prompt_ids(tok, prompt_messages(prompt, system))
         )
         params = SamplingParams(
             temperature=temp,

@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 
 from llamba.atomic import atomic_dir
-from llamba.embedded import EmbeddedTeacherMissing, embedded_gguf
 from llamba.errors import LlambaError
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -48,22 +47,6 @@ def model_args(config):
         return config
     raw = config if isinstance(config, dict) else config.to_dict()
     return mlx_llamba.ModelArgs.from_dict({**raw, "model_type": "llamba"})
-
-
-def load_tokenizer(source: str | Path | None, model_path: Path):
-    """The tokenizer of `source` (a directory), else of the checkpoint, else the embedded teacher's."""
-    from transformers import AutoTokenizer
-
-    for cand in ([Path(source)] if source else []) + [model_path]:
-        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(cand)
-        if source and cand == Path(source):
-            raise ExportError(f"--tokenizer {source} holds no tokenizer.json or tokenizer_config.json")
-    try:
-        gguf = embedded_gguf()
-    except EmbeddedTeacherMissing as e:
-        raise ExportError(f"no tokenizer in the checkpoint ({e}), or pass --tokenizer DIR") from None
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def convert(
@@ -160,7 +143,7 @@ def _convert(
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from llamba.checkpoints import CheckpointError, load_model
+    from llamba.checkpoints import CheckpointError, load_model, load_tokenizer
     from llamba.export import mlx_llamba
 
     try:
@@ -169,7 +152,10 @@ def _convert(
         raise ExportError(str(e)) from None
     config = torch_model.config
     args = model_args(config)
-    tok = load_tokenizer(tokenizer, model_path)
+    try:
+        tok = load_tokenizer(model_path, tokenizer)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     if len(tok) > args.vocab_size:
         raise ExportError(
             f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {args.vocab_size}; "

@@ -205,7 +205,7 @@ def run(env: str, config: str | None, out: str, workers: int, methods: str | Non
 @click.option("--out", type=click.Path(file_okay=False, exists=True), required=True, help="Run directory.")
 def report(env: str, config: str | None, out: str) -> None:
     """Tables and plots from the runs finished so far in a run directory (e.g. of a stopped grid)."""
-    from llamba.icrl.runner import report as make_report
+    from llamba.icrl.report import report as make_report
 
     cfg = _load(env, config)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def validate(cfg: ExperimentConfig) -> None:
             d.n_train_tasks, d.n_test_tasks, seed=d.split_seed
         )  # raises when the env has too few tasks
         kept = -(-d.episodes_per_history // d.subsample)
-        if spec.name == "darkroom" and kept * spec.horizon < cfg.model.seq_len:
+        if spec.fixed_length and kept * spec.horizon < cfg.model.seq_len:
             raise ValueError(
                 f"grid.budgets[{i}]: a history keeps {kept} episodes x {spec.horizon} steps, fewer than "
                 f"model.seq_len={cfg.model.seq_len}; raise data.episodes_per_history or lower context_episodes"
@@ -241,3 +241,17 @@ def method_model_config(cfg: ExperimentConfig, method_overrides: dict, hp: dict)
     elif "ngram_layers" in model_hp:
         model_hp["ngram_layers"] = list(model_hp["ngram_layers"])
     return cfg.model_config(**{**method_overrides, **model_hp})
+
+
+def run_spec(cfg: ExperimentConfig) -> dict:
+    """The resolved config as JSON: what must match for a run directory to be resumed."""
+    return {
+        "env": cfg.spec.name,
+        "env_kwargs": cfg.spec.kwargs,
+        "context_episodes": cfg.context_episodes,
+        "data": asdict(cfg.data),
+        "model": cfg.raw,
+        "train": {k: v for k, v in asdict(cfg.train).items() if k != "threads"},
+        "eval": asdict(cfg.eval),
+        "grid": asdict(cfg.grid),
+    }

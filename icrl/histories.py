@@ -134,7 +134,7 @@ def learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, progre
     tasks = np.repeat(np.asarray(tasks), cfg.histories_per_task, axis=0)  # (b,) or (b, 2)
     b, s_n, a_n, T, E = len(tasks), spec.num_states, spec.num_actions, spec.horizon, cfg.episodes_per_history
     env = spec.batched(tasks)
-    levels = 2 if spec.name == "keytodoor" else 1
+    levels = spec.subgoals
     q = rng.uniform(0, cfg.q_init, size=(b, s_n * levels, a_n))
     idx = np.arange(b)
     buf_s = np.zeros((b, E * T), np.int16)
@@ -210,10 +210,10 @@ def learning_histories(spec: EnvSpec, tasks: np.ndarray, cfg: DataConfig, progre
 
 
 def oracle_action(spec: EnvSpec, tasks: np.ndarray, obs: np.ndarray, mem: np.ndarray) -> np.ndarray:
-    """Shortest-path action toward the goal, or toward the key and then the door (mem = key collected)."""
-    if spec.name == "darkroom":
-        return toward(obs, tasks, spec.size)
-    return toward(obs, np.where(mem > 0, tasks[:, 1], tasks[:, 0]), spec.size)
+    """Shortest-path action toward the task's next subgoal: the goal, or the key and then the door (mem = subgoals
+    reached this episode)."""
+    cells = np.asarray(tasks).reshape(len(tasks), spec.subgoals)  # (b, subgoals)
+    return toward(obs, cells[np.arange(len(cells)), np.minimum(mem, spec.subgoals - 1)], spec.size)
 
 
 class Explorer:

@@ -56,6 +56,24 @@ class CheckpointError(LlambaError, ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the field."""
 
 
+def load_tokenizer(model_path: str | Path, source: str | Path | None = None):
+    """The tokenizer of `source` (a directory), else of the checkpoint, else the embedded teacher's."""
+    from transformers import AutoTokenizer
+
+    from llamba.embedded import EmbeddedTeacherMissing, embedded_gguf
+
+    for cand in ([Path(source)] if source else []) + [Path(model_path)]:
+        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(cand)
+        if source and cand == Path(source):
+            raise CheckpointError(f"--tokenizer {source} holds no tokenizer.json or tokenizer_config.json")
+    try:
+        gguf = embedded_gguf()
+    except EmbeddedTeacherMissing as e:
+        raise CheckpointError(f"no tokenizer in the checkpoint ({e}), or pass --tokenizer DIR") from None
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         if dtype is not None and dtype not in DTYPES.values():

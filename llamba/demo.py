@@ -56,16 +56,17 @@ def demo(out: str, tokens: int | None, q_bits: str, prompt: str, max_tokens: int
 
     @guarded
     def run() -> None:
-        from llamba.distill.run import DEFAULT_TOTAL_TOKENS, distill_all
-        from llamba.export.chat import ChatSession, TextStream, open_engine, require_mlx
+        from llamba.chat import ChatSession, TextStream
+        from llamba.distill.config import DEFAULT_TOTAL_TOKENS, DistillConfig
+        from llamba.distill.run import distill_all
+        from llamba.export.chat import open_engine, require_mlx
         from llamba.export.convert import ExportError, export_complete
         from llamba.generate import SamplingParams
 
         run_dir = Path(out)
         click.secho("1/3 distill: init -> stage 1 -> stage 2 -> stage 3 (llamba distill all)", bold=True)
-        result = distill_all(
-            out=run_dir, tokens=tokens or DEFAULT_TOTAL_TOKENS
-        )  # exactly `llamba distill all`
+        # exactly `llamba distill all --out RUN_DIR --tokens TOKENS`
+        result = distill_all(DistillConfig(out=str(run_dir), tokens=tokens or DEFAULT_TOTAL_TOKENS))
         ev, init = result["eval"], result["init"]
         chat = ev.get("chat") or {}
         if "fact_retained" in chat:

@@ -5,7 +5,9 @@ import argparse
 
 import torch
 
-from llamba.distill.run import Interrupted, distill_stage
+from llamba.distill.config import DistillConfig
+from llamba.distill.run import distill_stage
+from llamba.distill.train import Interrupted
 
 ap = argparse.ArgumentParser()
 ap.add_argument(
@@ -24,8 +26,7 @@ args = ap.parse_args()
 torch.set_num_threads(1)
 for stage in map(int, args.stage.split(",")):
     try:
-        distill_stage(
-            stage,
+        cfg = DistillConfig.of(
             teacher=args.teacher,
             data=args.data,
             out=args.out,
@@ -36,13 +37,14 @@ for stage in map(int, args.stage.split(",")):
             lr=3e-3,
             seed=1,
             device="cpu",
-            progress=False,
-            ckpt_every_s=1e9,
+            no_progress=True,
+            ckpt_every=1e9,
             stop_after=args.stop_after,
             strategy=args.strategy,
             teacher_strategy=args.teacher_strategy,
             stream=args.stream,
             stream_shards=4,
         )
+        distill_stage(stage, cfg)
     except Interrupted:
         pass

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_corpus, write_tiny_teacher
 
 from llamba.cli import main
-from llamba.distill.testing import tiny_corpus, write_tiny_teacher
 from llamba.errors import UNEXPECTED
 
 
@@ -44,7 +44,7 @@ def _config_dir(path: Path, raw: dict) -> Path:
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     torch.set_num_threads(1)
-    from export_fixtures import make_checkpoint, tiny_config
+    from conftest import make_checkpoint, tiny_llamba_config
 
     root = tmp_path_factory.mktemp("bad")
     f: dict[str, Path] = {"root": root}
@@ -143,7 +143,7 @@ def fx(tmp_path_factory):
     shutil.copytree(ckpt, root / "json_list")
     (root / "json_list" / "config.json").write_text("[1, 2]")
     f["json_list"] = root / "json_list"
-    cfg576 = tiny_config(d_model=576, intermediate_size=1536, n_v_heads=9, n_qk_heads=9, d_state=64)
+    cfg576 = tiny_llamba_config(d_model=576, intermediate_size=1536, n_v_heads=9, n_qk_heads=9, d_state=64)
     f["w576"] = _config_dir(root / "w576", {**cfg576.to_dict(), "model_type": "llamba"})
     from llamba.export.convert import convert
 

@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
+from conftest import CHAT_VOCAB, tiny_chat_tokenizer, tiny_teacher
 
+from llamba.chat import prompt_ids
 from llamba.distill import chat_data
 from llamba.distill.chat_data import (
     ChatMarkers,
     ChatSettings,
     assistant_mask,
-    prompt_ids,
     read_records,
     render,
     sample_answers,
@@ -19,7 +20,6 @@ from llamba.distill.chat_data import (
     teacher_fingerprint,
 )
 from llamba.distill.losses import kd_loss
-from llamba.distill.testing import CHAT_VOCAB, tiny_chat_tokenizer, tiny_teacher
 from llamba.generate import SamplingParams, process_logits
 
 
@@ -198,11 +198,11 @@ def test_student_batched_greedy_equals_one_at_a_time(tok):
 
 
 def test_model_card_leads_with_the_chat_report():
-    from export_fixtures import tiny_config
+    from conftest import tiny_llamba_config
 
     from llamba.card import model_card
 
-    config = tiny_config()
+    config = tiny_llamba_config()
     config.distillation = {
         "teacher": "default",
         "tokens": 150000,

@@ -7,7 +7,7 @@ import sys
 import click
 import pytest
 from click.testing import CliRunner
-from export_fixtures import make_checkpoint, tiny_tokenizer
+from conftest import checkpoint_tokenizer, make_checkpoint
 
 from llamba.generate import SamplingParams, generate
 
@@ -75,7 +75,7 @@ def test_every_option_of_ours_has_help():
 
 
 def test_repetition_penalty_option_reaches_the_sampler(tmp_path):
-    from llamba.export.chat import prompt_messages, render
+    from llamba.chat import prompt_ids, prompt_messages
     from llamba.export.cli import generate as generate_cmd
 
     model = make_checkpoint(tmp_path / "m")
@@ -85,8 +85,8 @@ def test_repetition_penalty_option_reaches_the_sampler(tmp_path):
         runner.invoke(generate_cmd, args + extra) for extra in ([], ["--repetition-penalty", "3"])
     )
     assert plain.exit_code == 0 and penalized.exit_code == 0, penalized.output
-    tok = tiny_tokenizer()
-    ids = render(tok, prompt_messages("the cat", None))
+    tok = checkpoint_tokenizer()
+    ids = prompt_ids(tok, prompt_messages("the cat", None))
     want = generate(
         model, ids, SamplingParams(max_new_tokens=12, repetition_penalty=3.0, stop_token_ids=(2,))
     )

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 from llamba import ops
 from llamba.config import LlambaConfig
@@ -37,10 +38,6 @@ DEV = torch.device("cuda" if ON_GPU else "cpu")
 # computes IEEE fp32. TF32 keeps 10 mantissa bits: fp32 results then agree to ~1e-3, not 1e-5.
 IEEE = not ON_GPU or os.environ.get("TRITON_F32_DEFAULT") == "ieee"
 TOL = {torch.float32: 1e-5 if IEEE else 2e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def scan_inputs(b, l, h, g, p, n, dtype=torch.float32, seed=0, slow_heads=False):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from cli_checks import one_line_error
 from click.testing import CliRunner
+from conftest import tiny_corpus, write_tiny_teacher
 
 from llamba.distill.cli import distill, eval_cmd
-from llamba.distill.testing import tiny_corpus, write_tiny_teacher
 from llamba.model import LlambaForCausalLM
 
 

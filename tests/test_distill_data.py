@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_corpus, tiny_tokenizer
 
 from llamba.distill.data import (
     DataError,
@@ -12,7 +13,6 @@ from llamba.distill.data import (
     python_docs_corpus,
     split_documents,
 )
-from llamba.distill.testing import tiny_corpus, tiny_tokenizer
 
 
 def test_python_docs_corpus_ships_with_python_and_is_prose():
@@ -69,9 +69,10 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
 
 
 def test_default_data_is_the_teachers_chat_rendered_with_its_template(tmp_path, monkeypatch):
+    from conftest import CHAT_VOCAB, tiny_chat_tokenizer, tiny_teacher
+
     from llamba.distill import chat_data
     from llamba.distill.data import chat_spec
-    from llamba.distill.testing import CHAT_VOCAB, tiny_chat_tokenizer, tiny_teacher
 
     monkeypatch.setenv("LLAMBA_CACHE", str(tmp_path))
     monkeypatch.setattr(chat_data, "SHIPPED_DIR", tmp_path / "none")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_corpus, tiny_teacher, write_tiny_teacher
 from safetensors.torch import load_file
 
 from llamba.checkpoints import load_model
 from llamba.distill.init import build_student
-from llamba.distill.testing import tiny_corpus, tiny_teacher, write_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("_distill_dist_worker.py"))

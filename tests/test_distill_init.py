@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_teacher
 
 from llamba.distill.init import build_student, expand_kv_heads
 from llamba.distill.teacher import TeacherError, load_teacher
-from llamba.distill.testing import tiny_teacher
 from llamba.mixer import Z_IDENTITY
 
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 from cli_checks import one_line_error
 from click.testing import CliRunner
+from conftest import tiny_corpus, write_tiny_teacher
 
 from llamba.distill.cli import distill
-from llamba.distill.run import Interrupted, distill_stage
+from llamba.distill.config import DistillConfig
+from llamba.distill.run import distill_stage
 from llamba.distill.stages import STAGES
-from llamba.distill.testing import tiny_corpus, write_tiny_teacher
+from llamba.distill.train import Interrupted
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +131,11 @@ def test_half_finished_stage_says_where_it_resumes_and_refuses_another_teacher(f
         tokens=6 * 4 * 32,
         seq_len=32,
         device="cpu",
-        progress=False,
-        ckpt_every_s=1e9,
+        no_progress=True,
+        ckpt_every=1e9,
     )
     with pytest.raises(Interrupted):
-        distill_stage(1, stop_after=2, **kw)
+        distill_stage(1, DistillConfig.of(stop_after=2, **kw))
     assert (out / "stage1" / "resume").is_dir()
     before = _snapshot(out)
     args = [
@@ -251,11 +253,11 @@ def test_damaged_state_files_are_named_with_the_fix_and_stale_temporaries_go(fil
         tokens=6 * 4 * 32,
         seq_len=32,
         device="cpu",
-        progress=False,
-        ckpt_every_s=1e9,
+        no_progress=True,
+        ckpt_every=1e9,
     )
     with pytest.raises(Interrupted):
-        distill_stage(1, stop_after=2, **kw)
+        distill_stage(1, DistillConfig.of(stop_after=2, **kw))
     stage = out / "stage1"
     args = [
         "stage1",
@@ -395,10 +397,11 @@ def test_a_budget_below_half_a_step_and_eval_against_another_teacher_are_refused
 
 
 def test_stage1_memory_plan_counts_its_attention_maps(files):
+    from conftest import tiny_teacher
+
     from llamba.distill.distributed import DistContext, memory_plan
     from llamba.distill.init import build_student
     from llamba.distill.stages import STAGES, default_spec
-    from llamba.distill.testing import tiny_teacher
 
     root, teacher, other, corpus, corpus2 = files
     t = tiny_teacher()
@@ -406,7 +409,7 @@ def test_stage1_memory_plan_counts_its_attention_maps(files):
     extra = STAGES[1].extra_bytes(spec, t.config)
     assert extra == 4 * 4 * 4 * t.config.num_attention_heads * 512**2  # 4 fp32 (b, heads, l, l) tensors
     assert STAGES[2].extra_bytes(spec, t.config) == 0
-    plan = memory_plan(build_student(t), t, DistContext(), "none", 512, 4, stage_bytes=extra)
+    plan = memory_plan(build_student(t), t, DistContext(), (4, 512), stage_bytes=extra)
     assert plan["stage extra"] == extra / 2**30 and plan["total"] >= plan["stage extra"]
     out = root / "huge"  # 100k x 100k maps: refused at once, before any data is read
     one_line_error(

@@ -1,14 +1,19 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from conftest import tiny_corpus, tiny_teacher, tiny_tokenizer
 
+from llamba.distill.config import DistillConfig
 from llamba.distill.data import build_token_data
 from llamba.distill.evaluate import evaluate_tokens
 from llamba.distill.init import build_student
-from llamba.distill.run import Interrupted, Teacher, train_stage
 from llamba.distill.stages import default_spec
-from llamba.distill.testing import tiny_corpus, tiny_teacher, tiny_tokenizer
+from llamba.distill.teacher import Teacher
+from llamba.distill.train import Interrupted, train_stage
+
+QUIET = DistillConfig(device="cpu", no_progress=True)  # the loop's settings: one process on the CPU, no bar
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +28,7 @@ def _run(setup, tmp_path, stage, steps, student=None, **kw):
     spec = default_spec(stage, tokens=steps * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, **kw)
     data = build_token_data(docs, teacher.tokenizer, spec.seq_len)
     student = student if student is not None else build_student(teacher.model, seed=0)
-    summary = train_stage(spec, student, teacher, data, tmp_path, torch.device("cpu"), progress=False)
+    summary = train_stage(spec, student, teacher, data, tmp_path, QUIET)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return student, summary, metrics
 
@@ -86,9 +91,10 @@ def test_stage3_fused_head_equals_the_logits_path(kw):
     """The default stage-3 step (LM heads on the counted positions only, the student's head fused with the loss)
     against the same step through the models' full logits and kd_loss (the path a wrapped student takes): same
     loss and same gradients, fp32, on chat rows with system / user / assistant turns."""
+    from conftest import CHAT_VOCAB, tiny_chat_tokenizer
+
     from llamba.distill.chat_data import ChatMarkers, render
     from llamba.distill.stages import stage3_step
-    from llamba.distill.testing import CHAT_VOCAB, tiny_chat_tokenizer
 
     tok = tiny_chat_tokenizer()
     teacher = tiny_teacher(vocab_size=CHAT_VOCAB)
@@ -167,16 +173,13 @@ def test_killed_and_resumed_equals_uninterrupted(setup, tmp_path, stage):
     teacher, docs = setup
     spec = default_spec(stage, tokens=6 * 2 * 32, seq_len=32, batch_size=2, lr=3e-3, seed=3)
     data = build_token_data(docs, teacher.tokenizer, spec.seq_len)
-    cpu = torch.device("cpu")
 
     full = build_student(teacher.model, seed=0)
-    train_stage(spec, full, teacher, data, tmp_path / "a", cpu, progress=False)
+    train_stage(spec, full, teacher, data, tmp_path / "a", QUIET)
 
     part = build_student(teacher.model, seed=0)
     with pytest.raises(Interrupted):
-        train_stage(
-            spec, part, teacher, data, tmp_path / "b", cpu, progress=False, ckpt_every_s=1e9, stop_after=4
-        )
+        train_stage(spec, part, teacher, data, tmp_path / "b", replace(QUIET, ckpt_every=1e9, stop_after=4))
     assert (tmp_path / "b" / "resume").is_dir() and not (tmp_path / "b" / "DONE.json").exists()
     # a kill between the two renames of a checkpoint save leaves only resume.old: it must be picked up
     (tmp_path / "b" / "resume").rename(tmp_path / "b" / "resume.old")
@@ -186,7 +189,7 @@ def test_killed_and_resumed_equals_uninterrupted(setup, tmp_path, stage):
     resumed = build_student(
         teacher.model, seed=99
     )  # the weights come from the resume checkpoint, not from here
-    train_stage(spec, resumed, teacher, data, tmp_path / "b", cpu, progress=False)
+    train_stage(spec, resumed, teacher, data, tmp_path / "b", QUIET)
 
     for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
@@ -208,22 +211,17 @@ def test_resume_with_changed_settings_is_refused(setup, tmp_path):
             teacher,
             data,
             tmp_path,
-            torch.device("cpu"),
-            progress=False,
-            stop_after=1,
+            replace(QUIET, stop_after=1),
         )
     spec.lr = 1.0
     with pytest.raises(ValueError, match="different `lr`"):
-        train_stage(
-            spec, build_student(teacher.model), teacher, data, tmp_path, torch.device("cpu"), progress=False
-        )
+        train_stage(spec, build_student(teacher.model), teacher, data, tmp_path, QUIET)
 
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_activation_checkpointing_and_grad_accumulation_change_nothing(setup, tmp_path, stage):
     """Recomputing each block in backward, and 2 micro-batches of 2 rows instead of one of 4, give the same run."""
     teacher, docs = setup
-    cpu = torch.device("cpu")
     runs = {}
     for name, batch, accum, ckpt in (("ref", 4, 1, False), ("ckpt", 4, 1, True), ("accum", 2, 2, False)):
         spec = default_spec(stage, tokens=3 * 4 * 32, seq_len=32, batch_size=batch, grad_accum=accum, lr=1e-3)
@@ -235,9 +233,7 @@ def test_activation_checkpointing_and_grad_accumulation_change_nothing(setup, tm
             teacher,
             data,
             tmp_path / name,
-            cpu,
-            progress=False,
-            activation_checkpointing=ckpt,
+            replace(QUIET, activation_checkpointing=ckpt),
         )
     ref = runs["ref"].state_dict()
     ref_losses = [

@@ -8,11 +8,11 @@ import types
 
 import pytest
 import torch
+from conftest import tiny_corpus, tiny_tokenizer
 
 from llamba.distill.data import DataError, pack
 from llamba.distill.distributed import DistContext
 from llamba.distill.stream import JsonlSource, ListSource, ParquetSource, TokenStream, open_source
-from llamba.distill.testing import tiny_corpus, tiny_tokenizer
 
 DOCS = tiny_corpus(
     n_docs=30, words_per_doc=20, seed=1

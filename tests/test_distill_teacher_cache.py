@@ -1,13 +1,16 @@
 import pytest
 import torch
+from conftest import tiny_corpus, tiny_teacher, tiny_tokenizer
 
+from llamba.distill.config import DistillConfig
 from llamba.distill.data import build_token_data
 from llamba.distill.init import build_student
-from llamba.distill.run import Teacher, train_stage
 from llamba.distill.stages import default_spec, split_budget
-from llamba.distill.teacher import teacher_residuals
+from llamba.distill.teacher import Teacher, teacher_residuals
 from llamba.distill.teacher_cache import TeacherStateCache, epoch_pool
-from llamba.distill.testing import tiny_corpus, tiny_teacher, tiny_tokenizer
+from llamba.distill.train import train_stage
+
+QUIET = DistillConfig(device="cpu", no_progress=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +68,11 @@ def test_cached_stage2_runs_the_teacher_once_per_row(setup, tmp_path):
         pool = epoch_pool(data, spec.tokens, spec.epochs, spec.seed)
         assert pool.train.shape[0] == 8
         cached = build_student(teacher.model, seed=0)
-        s1 = train_stage(spec, cached, teacher, pool, tmp_path / "a", torch.device("cpu"), progress=False)
+        s1 = train_stage(spec, cached, teacher, pool, tmp_path / "a", QUIET)
         n_cached = len(calls)
         plain_spec = default_spec(2, tokens=spec.tokens, seq_len=32, batch_size=4, lr=3e-3, epochs=1)
         plain = build_student(teacher.model, seed=0)
-        s2 = train_stage(
-            plain_spec, plain, teacher, pool, tmp_path / "b", torch.device("cpu"), progress=False
-        )
+        s2 = train_stage(plain_spec, plain, teacher, pool, tmp_path / "b", QUIET)
     finally:
         hook.remove()
     assert n_cached == 2  # epoch 1 = 2 batches of 4 new rows, one teacher forward each

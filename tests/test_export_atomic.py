@@ -5,7 +5,7 @@ import sys
 import textwrap
 
 import pytest
-from export_fixtures import make_checkpoint, tiny_config
+from conftest import make_checkpoint, tiny_llamba_config
 
 pytest.importorskip("mlx.core")
 
@@ -26,7 +26,7 @@ KILLER = textwrap.dedent("""
 
 def test_export_killed_midway_leaves_no_half_directory(tmp_path):
     src = tmp_path / "ckpt"
-    make_checkpoint(src, tiny_config(d_model=64, intermediate_size=128, d_state=16, n_v_heads=4))
+    make_checkpoint(src, tiny_llamba_config(d_model=64, intermediate_size=128, d_state=16, n_v_heads=4))
     out = tmp_path / "mlx"
     proc = subprocess.run(
         [sys.executable, "-c", KILLER, str(src), str(out)], capture_output=True, text=True, timeout=300

@@ -2,12 +2,13 @@
 
 import pytest
 from click.testing import CliRunner
-from export_fixtures import make_checkpoint, tiny_config
+from conftest import make_checkpoint, tiny_llamba_config
 
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from llamba.export.chat import ChatSession, MlxEngine, prompt_messages, render  # noqa: E402
+from llamba.chat import ChatSession, prompt_ids, prompt_messages  # noqa: E402
+from llamba.export.chat import MlxEngine  # noqa: E402
 from llamba.export.cli import chat, generate  # noqa: E402
 from llamba.export.convert import convert  # noqa: E402
 from llamba.export.mlx_generate import generate as mlx_generate  # noqa: E402
@@ -19,7 +20,7 @@ PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=8, seed=3)
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    make_checkpoint(root / "ckpt", tiny_config(), seed=11)
+    make_checkpoint(root / "ckpt", tiny_llamba_config(), seed=11)
     return root / "ckpt", convert(root / "ckpt", root / "mlx", dtype="float32")
 
 
@@ -28,7 +29,7 @@ def test_two_turns_equal_one_shot_generation(dirs):
     tok = engine.tokenizer
     session = ChatSession(engine, PARAMS)
     first = list(session.send("hello world"))
-    full_2 = render(tok, session.messages + [{"role": "user", "content": "the cat sat"}])
+    full_2 = prompt_ids(tok, session.messages + [{"role": "user", "content": "the cat sat"}])
     fed_before = list(session.fed)
     second = list(session.send("the cat sat"))
     assert session.state.seqlen == len(session.fed)  # every fed token, stop tokens included, is in the state
@@ -37,7 +38,7 @@ def test_two_turns_equal_one_shot_generation(dirs):
     assert session.prefilled == len(full_2) - len(fed_before) < len(full_2)
 
     params = PARAMS.with_overrides(stop_token_ids=chat_stop_ids(tok))
-    assert mlx_generate(engine.model, render(tok, prompt_messages("hello world")), params) == first
+    assert mlx_generate(engine.model, prompt_ids(tok, prompt_messages("hello world")), params) == first
     assert mlx_generate(engine.model, full_2, params) == second
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from export_fixtures import make_checkpoint, tiny_config
+from conftest import make_checkpoint, tiny_llamba_config
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -28,7 +28,9 @@ Q8_KL = 5e-3
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    model = make_checkpoint(path, tiny_config(d_model=64, intermediate_size=128, d_state=16, n_v_heads=4))
+    model = make_checkpoint(
+        path, tiny_llamba_config(d_model=64, intermediate_size=128, d_state=16, n_v_heads=4)
+    )
     return path, model
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from export_fixtures import random_model, tiny_config
+from conftest import random_model, tiny_llamba_config
 
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
@@ -21,6 +21,14 @@ from llamba.export.mlx_llamba import (  # noqa: E402
     ssd_step_dispatch,
 )
 
+
+def max_rel_err(a, b) -> float:
+    """max |a - b| / max |b| (the worst logit against the largest), for torch / NumPy / MLX arrays."""
+    a = a.astype(mx.float32) if isinstance(a, mx.array) else a
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
 # Max |Δlogit| / max |logit| against the fp32 PyTorch model, per MLX weight dtype. For scale, torch's own
 # fp16 / bf16 copies of these random models drift 3e-3..7e-3 / 3e-2..6e-2 from fp32.
 TOL = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 1e-1}
@@ -35,12 +43,6 @@ def to_mlx(model, dtype: str = "float32") -> Model:
     mlx_model = Model(args)
     mlx_model.load_weights(list(sanitize(weights, args).items()), strict=True)
     return mlx_model
-
-
-def rel_err(a, b) -> float:
-    a = a.astype(mx.float32) if isinstance(a, mx.array) else a
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def test_chunked_scan_matches_recurrence():
@@ -88,12 +90,12 @@ def test_metal_step_matches_pure_mlx():
     ids=["tied", "untied-silu", "bias-expand"],
 )
 def test_prefill_and_every_decode_step_match_torch_fp32(overrides):
-    model = random_model(tiny_config(**overrides), seed=3)
+    model = random_model(tiny_llamba_config(**overrides), seed=3)
     mlx_model = to_mlx(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 27), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits
-    err = rel_err(mlx_model(mx.array(ids.numpy())), ref)
+    err = max_rel_err(mlx_model(mx.array(ids.numpy())), ref)
     print("full forward rel err", err)
     assert err < TOL["float32"]
 
@@ -101,36 +103,36 @@ def test_prefill_and_every_decode_step_match_torch_fp32(overrides):
     state, cache = model.alloc_state(2), mlx_model.make_cache()
     with torch.no_grad():
         ref = model(ids[:, :11], state=state).logits
-    err = rel_err(mlx_model(mx.array(ids[:, :11].numpy()), cache=cache), ref)
+    err = max_rel_err(mlx_model(mx.array(ids[:, :11].numpy()), cache=cache), ref)
     assert err < TOL["float32"], f"prefill rel err {err}"
     worst = 0.0
     for t in range(11, ids.shape[1]):
         ref = model.step(ids[:, t], state)
         out = mlx_model(mx.array(ids[:, t : t + 1].numpy()), cache=cache)[:, 0]
-        worst = max(worst, rel_err(out, ref))
+        worst = max(worst, max_rel_err(out, ref))
     print("worst decode-step rel err", worst)
     assert worst < TOL["float32"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_within_tolerance(dtype):
-    model = random_model(tiny_config(), seed=4)
+    model = random_model(tiny_llamba_config(), seed=4)
     mlx_model = to_mlx(model, dtype)
     ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
     cache = mlx_model.make_cache()
-    err = rel_err(mlx_model(mx.array(ids[:, :12].numpy()), cache=cache), ref[:, :12])
+    err = max_rel_err(mlx_model(mx.array(ids[:, :12].numpy()), cache=cache), ref[:, :12])
     for t in range(12, 20):
         out = mlx_model(mx.array(ids[:, t : t + 1].numpy()), cache=cache)[:, 0]
-        err = max(err, rel_err(out, ref[:, t]))
+        err = max(err, max_rel_err(out, ref[:, t]))
     print(f"{dtype}: worst rel err {err:.2e} (tolerance {TOL[dtype]})")
     assert err < TOL[dtype]
     assert cache[0][1].dtype == mx.float32  # the SSM state stays fp32 whatever the weights' dtype
 
 
 def test_num_last_tokens_and_sanitize_idempotent():
-    model = random_model(tiny_config(), seed=5)
+    model = random_model(tiny_llamba_config(), seed=5)
     mlx_model = to_mlx(model)
     ids = mx.array([[1, 5, 9, 11, 3]])
     full = mlx_model(ids)

@@ -3,7 +3,7 @@ criteria) with the recurrent state as cache, left padding through attention_mask
 
 import pytest
 import torch
-from export_fixtures import random_model, tiny_config, tiny_tokenizer
+from conftest import checkpoint_tokenizer, random_model, tiny_llamba_config
 from transformers import StoppingCriteria, StoppingCriteriaList, pipeline
 from transformers.generation.streamers import BaseStreamer
 
@@ -12,7 +12,7 @@ from llamba.generate import SamplingParams, generate
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(tiny_config(), seed=0)
+    return random_model(tiny_llamba_config(), seed=0)
 
 
 def prompt(seed=0, length=11, vocab=64):
@@ -101,7 +101,7 @@ def test_left_padding_is_ignored_through_attention_mask(model):
 
 
 def test_text_generation_pipeline(model):
-    tok = tiny_tokenizer()
+    tok = checkpoint_tokenizer()
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
     text = pipe("the cat sat", max_new_tokens=6, do_sample=False)[0]["generated_text"]
     ids = tok("the cat sat", return_tensors="pt").input_ids
@@ -113,9 +113,9 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients():
     ids = prompt(7, length=20)
     grads, calls = [], []
     for enable in (False, True):
-        m = random_model(tiny_config(), seed=1).train()
+        m = random_model(tiny_llamba_config(), seed=1).train()
         if enable:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         n = [0]
         m.backbone.layers[0].mixer.register_forward_hook(lambda *a, n=n: n.__setitem__(0, n[0] + 1))
         m(ids, labels=ids).loss.backward()

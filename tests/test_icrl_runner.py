@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from llamba.icrl.cli import icrl
-from llamba.icrl.config import load_config
-from llamba.icrl.runner import data_efficiency, draw_hparams
+from llamba.icrl.config import draw_hparams, load_config
+from llamba.icrl.report import data_efficiency
 
 
 def test_tiny_run_end_to_end(tmp_path):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from export_fixtures import make_checkpoint, tiny_tokenizer
+from conftest import checkpoint_tokenizer, make_checkpoint
 
 pytest.importorskip("lm_eval")
 
@@ -67,7 +67,7 @@ def logprob(model, context: list[int], continuation: list[int]) -> float:
 @pytest.mark.slow
 def test_lm_eval_hf_model_with_remote_code(tmp_path):
     model = make_checkpoint(tmp_path / "m", seed=5)
-    tok = tiny_tokenizer()
+    tok = checkpoint_tokenizer()
     enc = lambda s: tok.encode(s, add_special_tokens=False)
     greedy = []
     for q in GEN:

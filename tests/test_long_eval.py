@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from cli_checks import one_line_error
 from click.testing import CliRunner
+from conftest import CHAT_TEMPLATE, tiny_corpus, tiny_teacher
 
 from llamba.distill import long_eval
 from llamba.distill.chat_data import prompt_ids
@@ -25,7 +26,6 @@ from llamba.distill.long_eval import (
     passkey_found,
     position_nll,
 )
-from llamba.distill.testing import CHAT_TEMPLATE, tiny_corpus, tiny_teacher
 from llamba.errors import UsageError
 
 
@@ -176,17 +176,10 @@ def test_bucket_ppl_equals_a_direct_computation(models, which, window):
 
 def test_report_on_tiny_models(tok, models):
     teacher, student = models
-    report = long_eval.long_report(
-        student,
-        teacher,
-        tok,
-        lengths=(256, 512),
-        depths=(0.1, 0.9),
-        seeds=2,
-        needle_seeds=1,
-        answer_tokens=4,
-        log=lambda m: None,
+    settings = long_eval.LongSettings(
+        lengths=(256, 512), depths=(0.1, 0.9), seeds=2, needle_seeds=1, answer_tokens=4
     )
+    report = long_eval.long_report(student, teacher, tok, settings, log=lambda m: None)
     assert len(report["trials"]) == 2 * 2 * (2 + 1)
     for t in report["trials"]:
         assert t["prompt_tokens"] + 4 <= t["length"]
@@ -199,17 +192,8 @@ def test_report_on_tiny_models(tok, models):
     assert pp["row_tokens"] == 512 and [b["hi"] for b in pp["buckets"]] == [128, 256, 512]
     (_, header, rows), (_, _, ppl_rows) = long_eval.tables(report)
     assert header == ["task", "length", "depth 10%", "depth 90%", "all depths"] and len(ppl_rows) == 3
-    needle = long_eval.long_report(
-        student,
-        teacher,
-        tok,
-        lengths=(256,),
-        depths=(0.5,),
-        seeds=0,
-        needle_seeds=1,
-        ppl_rows=0,
-        log=lambda m: None,
-    )  # one task, no perplexity, default budget
+    one = long_eval.LongSettings(lengths=(256,), depths=(0.5,), seeds=0, needle_seeds=1, ppl_rows=0)
+    needle = long_eval.long_report(student, teacher, tok, one, log=lambda m: None)  # one task, no perplexity
     (t,) = needle["trials"]
     assert t["task"] == "needle" and t["answer_tokens"] == ANSWER_TOKENS["needle"]
     assert t["prompt_tokens"] + ANSWER_TOKENS["needle"] <= 256

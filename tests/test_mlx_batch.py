@@ -2,7 +2,7 @@
 (the exported model honours mlx-lm's padding mask), for short and long prompts and chunked prefill."""
 
 import pytest
-from export_fixtures import make_checkpoint, tiny_config
+from conftest import make_checkpoint, tiny_llamba_config
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -20,7 +20,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlxbatch")
-    make_checkpoint(root / "ckpt", tiny_config(), seed=21)
+    make_checkpoint(root / "ckpt", tiny_llamba_config(), seed=21)
     out = convert(root / "ckpt", root / "mlx", dtype="float32")
     return mlx_lm.load(str(out), trust_remote_code=True)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 from llamba.ops import (
     KernelsUnavailable,
@@ -20,10 +21,6 @@ from llamba.ops import (
 TOL = {torch.float32: (3e-4, 1e-3), torch.bfloat16: (1e-2, 5e-2), torch.float16: (5e-3, 1e-2)}
 # Triton's tl.dot reads fp32 inputs as TF32 on NVIDIA GPUs (10 mantissa bits): 4e-4 at the shapes below.
 GPU_FP32_RTOL = 2e-3
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def random_inputs(b, l, h, g, p, n, dtype=torch.float32, seed=0):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import torch
-from export_fixtures import make_checkpoint, random_model, tiny_config
+from conftest import make_checkpoint, random_model, tiny_llamba_config
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.dynamic_module_utils import get_imports
 
@@ -86,7 +86,9 @@ def test_remote_code_loads_without_the_package_and_equals_it(tmp_path):
 
 def test_cartesia_layout_through_auto_classes(tmp_path):
     """Nested ssm_cfg / mlp_cfg config, pytorch_model.bin with 'model.'-prefixed names, padded vocab."""
-    config = tiny_config(n_v_heads=8, n_qk_heads=4)  # not the 9-head default: the nested values must be read
+    config = tiny_llamba_config(
+        n_v_heads=8, n_qk_heads=4
+    )  # not the 9-head default: the nested values must be read
     model = random_model(config, seed=4)
     save_cartesia(model, tmp_path / "c")
     raw = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -105,8 +107,9 @@ def test_cartesia_layout_through_auto_classes(tmp_path):
 
 
 def test_generation_config_carried_from_teacher_and_model_card(tmp_path):
+    from conftest import tiny_teacher
+
     from llamba.distill.init import build_student
-    from llamba.distill.testing import tiny_teacher
 
     teacher = tiny_teacher()
     teacher.generation_config.temperature, teacher.generation_config.do_sample = 0.6, True

@@ -89,3 +89,40 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "llamba.model" in graph and "llamba.distill.run" in graph  # the walk sees the package
     assert cycles(graph) == []
+
+
+MAX_PARAMETERS = 8  # more settings than this travel in a config (distill/config.py, icrl/config.py)
+
+
+def parameter_counts(folder: str, root: Path = ROOT) -> dict[str, int]:
+    """'file.py:function' -> its parameter count (self / cls not counted; *args and **kwargs count one each)."""
+    out = {}
+    for path in sorted((root / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+                n = len(names) + (a.vararg is not None) + (a.kwarg is not None)
+                out[f"{folder}/{path.name}:{node.name}"] = n - (names[:1] in (["self"], ["cls"]))
+    return out
+
+
+def test_parameter_counter_on_a_hand_built_function(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        "def f(a, b, *c, d=1, **e): pass\nclass K:\n    def g(self, x): pass\n", encoding="utf-8"
+    )
+    assert parameter_counts("pkg", tmp_path) == {"pkg/m.py:f": 5, "pkg/m.py:g": 1}
+
+
+def test_no_function_of_distill_or_icrl_takes_more_than_eight_parameters():
+    counts = {**parameter_counts("distill"), **parameter_counts("icrl")}
+    assert "distill/run.py:distill_all" in counts
+    assert {k: n for k, n in counts.items() if n > MAX_PARAMETERS} == {}
+
+
+def test_the_icrl_cli_offers_every_env_family():
+    from llamba.envs import FAMILIES
+    from llamba.icrl.cli import ENVS
+
+    assert ENVS == tuple(FAMILIES)
