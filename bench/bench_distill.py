@@ -5,7 +5,8 @@
     python bench/bench_distill.py report RUN_DIR [RUN_DIR ...]   # per-stage errors / ppl of finished runs
     python bench/bench_distill.py stream      # --stream on a large JSONL: tok/s, resume latency, peak memory
     python bench/bench_distill.py busy        # a stage idle, then beside one busy process (auto vs fixed threads)
-    python bench/bench_distill.py compare [BASE]  # stages 2 and 3 tok/s: this tree vs commit BASE (default HEAD)
+    python bench/bench_distill.py compare [BASE] [FLAG ...]  # stages 2 and 3 tok/s: this tree (with the distill
+                                              # FLAGs, e.g. --compile) vs commit BASE (default HEAD) without them
 
 Each prints one JSON line per measurement.
 """
@@ -261,10 +262,13 @@ def _tree_at(ref: str, root: Path) -> Path:
     return site
 
 
-def bench_compare(base: str = "HEAD", tokens: int = 4096, rounds: int = 2) -> None:
+def bench_compare(
+    base: str = "HEAD", flags: tuple[str, ...] = (), tokens: int = 4096, rounds: int = 2
+) -> None:
     """Stages 2 and 3 of `llamba distill` (same init, the default chat data and settings, 2 cores) with the code of
-    commit `base` and of this working tree, alternated `rounds` times so a drifting load hits both alike. Prints each
-    run's tok/s (DONE.json: optimizer steps included) and the median ratio this/base per stage."""
+    commit `base` and of this working tree (with the extra `flags`), alternated `rounds` times so a drifting load hits
+    both alike. Prints each run's tok/s over the whole stage (DONE.json: optimizer steps and a compile included), its
+    median step's tok/s after the first step and the first step's seconds, then the median ratios this/base."""
     import os
     import statistics
     import subprocess
@@ -280,24 +284,37 @@ def bench_compare(base: str = "HEAD", tokens: int = 4096, rounds: int = 2) -> No
     base_site = _tree_at(base, root / "base")
     repo = Path(__file__).resolve().parents[1]
     rates: dict[tuple[int, str], list[float]] = {}
+    steady: dict[tuple[int, str], list[float]] = {}
     try:
         for r in range(rounds):
             for stage in (2, 3):
-                for name, pythonpath in (("base", str(base_site)), ("this", "")):
+                for name, pythonpath, extra in (("base", str(base_site), ()), ("this", "", flags)):
                     out = root / f"{name}_s{stage}_r{r}"
                     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath}
-                    cmd = _stage_cmd(stage, init, out, tokens)
+                    cmd = [*_stage_cmd(stage, init, out, tokens), *extra]
                     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=root)
                     done = json.loads((out / f"stage{stage}" / "DONE.json").read_text())
+                    rows = [
+                        json.loads(x)
+                        for x in (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()
+                    ]
+                    step_tok_s = (
+                        statistics.median(x["tok_s"] for x in rows[1:]) if len(rows) > 1 else done["tok_s"]
+                    )
+                    first_s = rows[0]["elapsed_s"]
                     rates.setdefault((stage, name), []).append(done["tok_s"])
+                    steady.setdefault((stage, name), []).append(step_tok_s)
                     print(
                         json.dumps(
                             {
                                 "bench": "compare",
                                 "stage": stage,
                                 "code": name if name == "this" else base,
+                                "flags": " ".join(extra),
                                 "round": r,
                                 "tok_s": round(done["tok_s"], 1),
+                                "step_tok_s": round(step_tok_s, 1),
+                                "first_step_s": round(first_s, 1),
                             }
                         ),
                         flush=True,
@@ -310,15 +327,18 @@ def bench_compare(base: str = "HEAD", tokens: int = 4096, rounds: int = 2) -> No
         )
     for stage in (2, 3):
         b, n = statistics.median(rates[(stage, "base")]), statistics.median(rates[(stage, "this")])
+        sb, sn = statistics.median(steady[(stage, "base")]), statistics.median(steady[(stage, "this")])
         print(
             json.dumps(
                 {
                     "bench": "compare",
                     "stage": stage,
                     "base": base,
+                    "flags": " ".join(flags),
                     "base_tok_s": round(b, 1),
                     "this_tok_s": round(n, 1),
                     "speedup": round(n / b, 2),
+                    "step_speedup": round(sn / sb, 2),
                     "tokens": tokens,
                     "rounds": rounds,
                     "load_avg_1m": os.getloadavg()[0],
@@ -350,7 +370,7 @@ if __name__ == "__main__":
     elif cmd == "stream":
         bench_stream()
     elif cmd == "compare":
-        bench_compare(sys.argv[2] if len(sys.argv) > 2 else "HEAD")
+        bench_compare(sys.argv[2] if len(sys.argv) > 2 else "HEAD", tuple(sys.argv[3:]))
     elif cmd == "busy":
         bench_busy()
     elif cmd == "report":

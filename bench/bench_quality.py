@@ -69,6 +69,11 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
         {"split": {1: 0.02, 2: 0.64, 3: 0.34}},
     ),
     "split-s2": ("split", "split 2 / 48 / 50 % (stage 2 heavy)", {"split": {1: 0.02, 2: 0.48, 3: 0.5}}),
+    "split-s1": (
+        "split",
+        "split 20 / 38 / 42 % (stage 1, matrix orientation, gets a real share: ~80 steps at 100k tokens, not 12)",
+        {"split": {1: 0.2, 2: 0.38, 3: 0.42}},
+    ),
     "no-cache": (
         "cache",
         "stage 2 one pass, teacher run on every batch (epochs 1)",

@@ -107,6 +107,12 @@ class DistillConfig:
         choices=TEACHER_STRATEGIES,
     )
     activation_checkpointing: bool = option(False, "Recompute each block's activations in backward.")
+    compile: bool = option(
+        False,
+        "Run the student's forward through torch.compile in stages 2 and 3 (each block in stage 2, the whole "
+        "student in stage 3; inductor, needs a C++ compiler on a CPU; eager with one warning if compiling "
+        "fails). The first step of each stage waits for the compile; see BENCHMARKS.md for what it buys.",
+    )
     threads: int | None = option(
         None,
         "Torch threads per process (default: auto = the cores other processes leave "

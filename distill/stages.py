@@ -27,6 +27,7 @@ from llamba.distill.options import option
 from llamba.distill.teacher import AttentionMaps, teacher_residuals
 from llamba.distill.teacher_cache import TeacherStateCache
 from llamba.errors import UsageError
+from llamba.jit import compiled
 
 PRECISIONS = ("auto", "bf16", "fp32")
 KD_TOKENS = ("assistant", "all")
@@ -272,9 +273,12 @@ def fused_adamw(params: list[nn.Parameter]) -> bool:
 LossStep = Callable[[torch.Tensor, float], tuple[float, list[float] | None]]
 
 
-def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device, markers=None) -> LossStep:
+def stage1_step(
+    blocks, teacher, spec: StageSpec, device: torch.device, markers=None, compile=False
+) -> LossStep:
     """Matrix orientation. Per layer: teacher attention maps of that layer only (eager, recomputed from the
-    teacher's residual stream), student mixing matrix on the same input, backward at once (frees the maps)."""
+    teacher's residual stream), student mixing matrix on the same input, backward at once (frees the maps).
+    Always eager (`compile` is ignored): the stage runs a few dozen steps, less than one compile costs."""
 
     def step(ids: torch.Tensor, scale: float):  # ids: (b, l)
         resid = teacher_residuals(teacher, ids)["resid"]
@@ -293,11 +297,16 @@ def stage1_step(blocks, teacher, spec: StageSpec, device: torch.device, markers=
     return step
 
 
-def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device, markers=None) -> LossStep:
+def stage2_step(
+    blocks, teacher, spec: StageSpec, device: torch.device, markers=None, compile=False
+) -> LossStep:
     """Hidden-state alignment. One teacher forward feeds every layer; layer i maps teacher hidden_states[i] to a
     prediction of hidden_states[i+1] (or, with mixer_only, of the attention output). With spec.epochs > 1 the
-    teacher's states of each row are computed once and kept in memory (bf16)."""
+    teacher's states of each row are computed once and kept in memory (bf16). `compile`: every block's forward
+    through torch.compile (one graph for all blocks; eager if compiling fails)."""
     cache = TeacherStateCache(teacher, with_attn_out=spec.mixer_only) if spec.epochs > 1 else None
+    if compile:
+        blocks = [compiled(b, "a student block", dynamic=False) for b in blocks]
 
     def step(ids: torch.Tensor, scale: float):
         out = (
@@ -318,18 +327,25 @@ def stage2_step(blocks, teacher, spec: StageSpec, device: torch.device, markers=
     return step
 
 
-def stage3_step(student, teacher, spec: StageSpec, device: torch.device, markers=None) -> LossStep:
+def stage3_step(
+    student, teacher, spec: StageSpec, device: torch.device, markers=None, compile=False
+) -> LossStep:
     """End-to-end knowledge distillation: soft CE against the teacher's distribution at temperature T, on the
     positions that predict an assistant token (kd_tokens 'assistant', with the tokenizer's chat `markers`; plain-text
     rows count whole) or on every position.
 
     One process, plain modules (the default): both LM heads run on the counted positions only and the student's head
     is fused with the loss (losses.linear_kd_loss), so no (b, l, vocab) student logits are kept. A wrapped student
-    (DDP / FSDP2) or a sharded teacher goes through the models' own forwards and kd_loss: the same loss."""
+    (DDP / FSDP2) or a sharded teacher goes through the models' own forwards and kd_loss: the same loss.
+    `compile`: the student's forward (to its final hidden states, or its logits when wrapped) through torch.compile
+    (eager if compiling fails); the teacher stays eager (compiling it measured no faster)."""
     from llamba.distill.chat_data import assistant_mask
 
     fused = not (hasattr(student, "unshard") or hasattr(student, "module") or hasattr(teacher, "unshard"))
     bf16 = use_bf16(spec, device)
+    forward = student.final_hidden if fused else student
+    if compile:
+        forward = compiled(forward, "the student's forward", dynamic=False)
 
     def counted(ids: torch.Tensor) -> torch.Tensor | None:  # ids: (b, l) -> (b, l) bool or None (all)
         if spec.kd_tokens != "assistant" or markers is None:
@@ -347,7 +363,7 @@ def stage3_step(student, teacher, spec: StageSpec, device: torch.device, markers
             with torch.no_grad(), teacher_context():
                 t_logits = teacher(input_ids=ids).logits
             with autocast_context(spec, device):
-                s_logits = student(ids).logits
+                s_logits = forward(ids).logits
             loss = kd_loss(
                 s_logits,
                 t_logits,
@@ -362,7 +378,7 @@ def stage3_step(student, teacher, spec: StageSpec, device: torch.device, markers
                 t_hidden = teacher.model(input_ids=ids).last_hidden_state  # (b, l, d)
                 t_logits = teacher.lm_head(t_hidden[sel])  # (n, v)
             with autocast_context(spec, device):
-                h = student.final_hidden(ids)[sel]  # (n, d)
+                h = forward(ids)[sel]  # (n, d)
             loss = linear_kd_loss(
                 h,
                 student.lm_head.weight,
@@ -423,7 +439,7 @@ class Stage:
     batch_size: int
     trains: Callable[[str, StageSpec], bool]  # parameter name -> trained in this stage
     per_block: bool  # the step gets the student's blocks (True) or the whole model (False)
-    step: Callable[..., LossStep]  # (blocks | model, teacher, spec, device) -> LossStep
+    step: Callable[..., LossStep]  # (blocks | model, teacher, spec, device, markers, compile) -> LossStep
     options: type = Stage1Options  # dataclass of the StageSpec fields only this stage reads (its CLI options)
     memory: Callable[[StageSpec, object, int], float] | None = None  # (spec, teacher config, ranks) -> bytes
     epochs: int = 1  # default passes over the stage's tokens (stage 2 reuses cached teacher states)

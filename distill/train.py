@@ -212,7 +212,7 @@ def setup_stage(
         model,
         make_optimizer(named, spec),
         [p for _, p in named],
-        record.step(net, teacher.model, spec, device, ChatMarkers.of(teacher.tokenizer)),
+        record.step(net, teacher.model, spec, device, ChatMarkers.of(teacher.tokenizer), cfg.compile),
         data,
         ctx,
         device,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -164,19 +163,13 @@ def use_compile(enabled: bool = True) -> None:
 
 
 def _ssd_chunked_compiled(*args):
-    try:
-        if _COMPILE["fn"] is None:
-            _COMPILE["fn"] = torch.compile(_ssd_chunked_torch)
-        return _COMPILE["fn"](*args)
-    except Exception as e:  # no compiler, unsupported platform, inductor bug: fall back for good
-        _COMPILE["on"], _COMPILE["fn"] = False, None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        warnings.warn(
-            f"torch.compile of the chunked scan failed ({type(e).__name__}: {first[:200]}); "
-            "using the eager scan (call llamba.ops.use_compile(False) to silence this)",
-            stacklevel=3,
+    if _COMPILE["fn"] is None:
+        from llamba.jit import compiled
+
+        _COMPILE["fn"] = compiled(
+            _ssd_chunked_torch, "the chunked scan (llamba.ops.use_compile(False) silences this)"
         )
-        return _ssd_chunked_torch(*args)
+    return _COMPILE["fn"](*args)
 
 
 def _ssd_chunked_torch(x, log_decay, B, C, chunk_size, initial_state):

@@ -1,15 +1,16 @@
 import json
+import warnings
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_corpus, tiny_teacher, tiny_tokenizer
+from conftest import rel_err, tiny_corpus, tiny_teacher, tiny_tokenizer
 
 from llamba.distill.config import DistillConfig
 from llamba.distill.data import build_token_data
 from llamba.distill.evaluate import evaluate_tokens
 from llamba.distill.init import build_student
-from llamba.distill.stages import default_spec
+from llamba.distill.stages import STAGES, default_spec, trainable_parameters
 from llamba.distill.teacher import Teacher
 from llamba.distill.train import Interrupted, train_stage
 
@@ -248,3 +249,51 @@ def test_activation_checkpointing_and_grad_accumulation_change_nothing(setup, tm
             torch.testing.assert_close(
                 v, ref[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k, n=name: f"{n} {k}: {m}"
             )
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compiled_step_equals_eager(setup, stage):
+    """--compile: the stage's loss step through torch.compile (inductor) gives the eager step's loss and gradients."""
+    teacher, docs = setup
+    spec = default_spec(stage, tokens=10**6, seq_len=32, batch_size=2, precision="fp32", epochs=1)
+    ids = build_token_data(docs, teacher.tokenizer, 32).train[:2]
+    grads, losses = [], []
+    for compile in (False, True):
+        student = build_student(teacher.model, seed=0).train()
+        trainable_parameters(student, spec)
+        net = list(student.backbone.layers) if STAGES[stage].per_block else student
+        step = STAGES[stage].step(net, teacher.model, spec, torch.device("cpu"), None, compile)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="torch.compile of")  # compiled, not fallen back
+            losses.append(step(ids, 1.0)[0])
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert grads[1].keys() == grads[0].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert rel_err(grads[1][name], g) < 1e-4, name
+
+
+def test_compile_failure_runs_the_step_eagerly(setup, monkeypatch):
+    teacher, docs = setup
+
+    def broken(fn, **options):
+        def fail(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    spec = default_spec(3, tokens=10**6, seq_len=32, batch_size=2, precision="fp32")
+    ids = build_token_data(docs, teacher.tokenizer, 32).train[:2]
+    losses = []
+    for compile in (False, True):
+        student = build_student(teacher.model, seed=0).train()
+        step = STAGES[3].step(student, teacher.model, spec, torch.device("cpu"), None, compile)
+        if compile:
+            with pytest.warns(
+                UserWarning, match="torch.compile of the student's forward failed.*C.. compiler"
+            ):
+                losses.append(step(ids, 1.0)[0])
+        else:
+            losses.append(step(ids, 1.0)[0])
+    assert losses[0] == losses[1]
