@@ -485,6 +485,42 @@ def main() -> None:
         f"{r['student_s']:.2f} s vs teacher fwd+bwd {r['teacher_s']:.2f} s",
     )
 
+    # torch.compile of the whole student (what `llamba distill --compile` runs in stage 3), teacher eager
+    if not args.no_compile:
+        comp_student = torch.compile(student, dynamic=False)
+        seq = args.seqs[0]
+        ids = torch.randint(0, vocab, (1, seq))
+        t_fn, s_fn = prefill_fns(teacher, comp_student, ids)
+        compile_s = timed(s_fn)  # the first call compiles
+        r = pairs(t_fn, s_fn, args.reps)
+        rows_lever.append(
+            [
+                f"torch.compile of the whole student: forward seq {seq} vs the teacher (eager)",
+                f"{r['ratio']:.2f}x",
+                f"{seq / r['student_s']:.0f} vs {seq / r['teacher_s']:.0f} tok/s; first call (compile) {compile_s:.0f} s",
+            ]
+        )
+        print(f"  {rows_lever[-1]}", flush=True)
+        ids = torch.randint(0, vocab, (1, args.train_seq))
+        teacher.train()
+        student.train()
+        t_fn, s_fn = train_fns(teacher, comp_student, ids)
+        compile_s = timed(s_fn)
+        r = pairs(t_fn, s_fn, args.reps)
+        rows_lever.append(
+            [
+                f"torch.compile of the whole student: training step (stage 3), seq {args.train_seq}, fp32",
+                f"{r['ratio']:.2f}x the teacher's fwd+bwd",
+                f"{r['student_s']:.2f} s vs {r['teacher_s']:.2f} s; first call (compile) {compile_s:.0f} s",
+            ]
+        )
+        print(f"  {rows_lever[-1]}", flush=True)
+        teacher.eval()
+        student.eval()
+        teacher.zero_grad(set_to_none=True)
+        student.zero_grad(set_to_none=True)
+        del comp_student
+
     # Decode
     bw = copy_bandwidth()
     s_w, t_w = param_bytes(student), param_bytes(teacher)

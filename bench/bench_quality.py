@@ -91,7 +91,7 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     ),
     "b2s128": (
         "batch",
-        "stages 2-3: micro-batch 2 x 128 tokens (4x the steps per token)",
+        "stages 2-3: micro-batch 2 x 128 tokens (4x the steps per token of 4 x 256; the default before b1s128)",
         {"stage_overrides": {2: {"seq_len": 128, "batch_size": 2}, 3: {"seq_len": 128, "batch_size": 2}}},
     ),
     "s3-b1": (
@@ -101,8 +101,13 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     ),
     "b1s256": (
         "batch",
-        "stages 2-3: micro-batch 1 x 256 tokens (4x the steps per token)",
-        {"stage_overrides": {2: {"batch_size": 1}, 3: {"batch_size": 1}}},
+        "stages 2-3: micro-batch 1 x 256 tokens (the steps per token of 2 x 128, rows that hold a question and its answer)",
+        {"stage_overrides": {2: {"seq_len": 256, "batch_size": 1}, 3: {"seq_len": 256, "batch_size": 1}}},
+    ),
+    "b1s128": (
+        "batch",
+        "stages 2-3: micro-batch 1 x 128 tokens (2x the optimizer steps per token of 2 x 128; the default)",
+        {"stage_overrides": {2: {"seq_len": 128, "batch_size": 1}, 3: {"seq_len": 128, "batch_size": 1}}},
     ),
     "bf16": ("precision", "bf16 autocast for the student on every stage", {"precision": "bf16"}),
     "gpu": (

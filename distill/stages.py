@@ -455,8 +455,9 @@ class Stage:
 # and token shares 3.75 / 33.75 / 62.5%; at a few dozen steps those LRs barely move the student.
 # Stage 1 gets one or two steps (at these budgets it does not change the per-layer error) and compares l x l maps per
 # head, so its rows are short; stage 2 (layer-local, teacher-forced, 4 passes over cached teacher states) is where
-# the cheap progress is. Micro-batches of 2 x 128 give 4x the optimizer steps per token of 4 x 256, the largest
-# single gain measured at small budgets.
+# the cheap progress is. Stages 2-3 take micro-batches of 1 x 128 tokens: more optimizer steps per token is the
+# largest single gain measured at small budgets (2 x 128 gave 4x the steps of 4 x 256; on chat data at 100,000 tokens
+# 1 x 128 beat 2 x 128 on every chat figure: BENCHMARKS.md, "Chat faithfulness", lever `b1s128`).
 STAGES: dict[int, Stage] = {
     1: Stage(
         number=1,
@@ -477,7 +478,7 @@ STAGES: dict[int, Stage] = {
         lr=1e-3,
         token_share=0.48,
         seq_len=128,
-        batch_size=2,
+        batch_size=1,
         trains=_trains_stage2,
         per_block=True,
         step=stage2_step,
@@ -490,7 +491,7 @@ STAGES: dict[int, Stage] = {
         lr=1.5e-4,
         token_share=0.50,
         seq_len=128,
-        batch_size=2,
+        batch_size=1,
         trains=_trains_stage3,
         per_block=False,
         step=stage3_step,

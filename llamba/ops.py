@@ -30,6 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from llamba.jit import compiled
+
 KERNEL_CHOICES = ("auto", "torch", "cuda")
 
 
@@ -164,8 +166,6 @@ def use_compile(enabled: bool = True) -> None:
 
 def _ssd_chunked_compiled(*args):
     if _COMPILE["fn"] is None:
-        from llamba.jit import compiled
-
         _COMPILE["fn"] = compiled(
             _ssd_chunked_torch, "the chunked scan (llamba.ops.use_compile(False) silences this)"
         )

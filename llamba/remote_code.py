@@ -3,7 +3,7 @@
 Every `save_pretrained` of a LlambaForCausalLM writes, beside the weights:
 
     configuration_llamba.py   llamba/config.py
-    modeling_llamba.py        llamba/ops.py + llamba/mixer.py + llamba/cache.py + llamba/model.py
+    modeling_llamba.py        llamba/jit.py + llamba/ops.py + llamba/mixer.py + llamba/cache.py + llamba/model.py
 
 and `auto_map` in config.json, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works
 where only torch and transformers are installed (plain transformers, lm_eval, ...). The files are the package
@@ -25,7 +25,7 @@ AUTO_MAP = {
 }
 
 CONFIG_SOURCES = ("llamba.config",)
-MODELING_SOURCES = ("llamba.ops", "llamba.mixer", "llamba.cache", "llamba.model")
+MODELING_SOURCES = ("llamba.jit", "llamba.ops", "llamba.mixer", "llamba.cache", "llamba.model")
 # Functions (top-level or methods) that only make sense inside the installed package, and calls to them.
 PACKAGE_ONLY = {"register_auto_config", "register_auto_classes", "save_pretrained"}
 # Names of package modules that are not flattened (llamba.errors imports click), defined here instead.
