@@ -249,12 +249,16 @@ def _tree_at(ref: str, root: Path) -> Path:
 
     repo = Path(__file__).resolve().parents[1]
     work = root / "worktree"
-    subprocess.run(
+    made = subprocess.run(
         ["git", "-C", str(repo), "worktree", "add", "--detach", str(work), ref],
-        check=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    if made.returncode != 0:
+        raise SystemExit(
+            f"compare: cannot check out base {ref!r} ({made.stderr.strip()}); give a commit, e.g. HEAD~1"
+        )
     site = root / "site"
     shutil.copytree(work / "llamba", site / "llamba")
     for sub in ("distill", "export", "icrl", "envs"):
@@ -363,7 +367,9 @@ def report(run_dirs: list[str]) -> None:
 
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else "init"
-    if cmd == "init":
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print(__doc__)
+    elif cmd == "init":
         bench_init()
     elif cmd == "throughput":
         bench_throughput()
@@ -376,4 +382,6 @@ if __name__ == "__main__":
     elif cmd == "report":
         report(sys.argv[2:])
     else:
-        raise SystemExit(f"unknown benchmark {cmd!r}")
+        raise SystemExit(
+            f"unknown benchmark {cmd!r}: one of init, throughput, report, stream, busy, compare (--help)"
+        )
