@@ -173,12 +173,37 @@ def eval_cmd(env: str, config: str | None, checkpoint: str, train_tasks: bool) -
     help="Run only the first N of the config's hyperparameter draws now (each method and budget gets the same "
     "draws); a later run with a larger N, or none, into the same --out adds the rest. Default: all.",
 )
-def run(env: str, config: str | None, out: str, workers: int, methods: str | None, draws: int | None) -> None:
+@click.option(
+    "--stack",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train up to N runs of one model structure at once with stacked weights, and evaluate them at once "
+    "(same rows; with dropout the noise is each run's own, not the one-at-a-time draws). 1: one at a time.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Torch device of the stacked trainer (e.g. cuda); a device other than cpu trains stacked.",
+)
+def run(
+    env: str,
+    config: str | None,
+    out: str,
+    workers: int,
+    methods: str | None,
+    draws: int | None,
+    stack: int,
+    device: str,
+) -> None:
     """Run the config's experiment grid; writes results.csv/.md, summary.json and PNG plots.
 
     Resumable: finished runs are kept in OUT/runs.jsonl, so re-running the same command after a kill continues
     where it stopped. A different config into an existing OUT is refused."""
-    from llamba.icrl.runner import run_grid
+    import torch
+
+    from llamba.icrl.runner import StackOptions, run_grid
 
     cfg = _load(env, config)
     g = cfg.grid
@@ -186,12 +211,25 @@ def run(env: str, config: str | None, out: str, workers: int, methods: str | Non
     bad = [m for m in only if m not in g.methods]
     if bad or not only:
         raise click.ClickException(f"unknown --methods {bad}; the config defines {list(g.methods)}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise click.ClickException(
+            f"--device {device} is not usable here ({str(e).splitlines()[0]}); use cpu"
+        ) from None
     n_draws = g.draws if draws is None else min(draws, g.draws)
     total = len(g.budgets) * len(only) * n_draws * cfg.train.steps
     with _bar("grid (train steps)", total) as advance:
         try:
             summary = run_grid(
-                cfg, out, progress=advance, log=click.echo, workers=workers, methods=only, draws=n_draws
+                cfg,
+                out,
+                progress=advance,
+                log=click.echo,
+                workers=workers,
+                methods=only,
+                draws=n_draws,
+                stack=StackOptions(stack, device),
             )
         except ValueError as e:
             raise click.ClickException(str(e)) from None
