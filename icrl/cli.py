@@ -40,8 +40,11 @@ env_option = click.option("--env", type=click.Choice(ENVS), required=True, help=
 config_option = click.option(
     "--config",
     default=None,
-    help="JSON config file or a shipped name (icrl/configs: darkroom, darkroom_cell, keytodoor, paper_darkroom, "
-    "paper_keytodoor, tiny); default: the env's.",
+    help="JSON config file or a shipped name (icrl/configs: "
+    + ", ".join(
+        sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.json"))
+    )  # config.CONFIG_DIR
+    + "); default: the env's.",
 )
 
 
