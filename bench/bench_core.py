@@ -389,6 +389,10 @@ def main() -> None:
         goals.append([name, measured, target, "met" if met else "**missed**", detail])
         print(f"  {name}: {measured} [goal {target}] {'met' if met else 'MISSED'} {detail}", flush=True)
 
+    def lever(name, effect, note=""):
+        rows_lever.append([name, effect, note])
+        print(f"  {rows_lever[-1]}", flush=True)
+
     # Scan
     scan_len = 4096 if not args.quick else 512
     scan = scan_speedup(scan_len, args.reps)
@@ -399,14 +403,11 @@ def main() -> None:
         scan["speedup"] >= 20,
         f"{scan['chunked_s'] * 1e3:.0f} ms vs {scan['recurrent_s']:.2f} s",
     )
-    rows_lever.append(
-        [
-            f"scan rewrite vs the previous torch scan, L = {scan_len}",
-            f"{scan['vs_previous']:.2f}x",
-            f"{scan['vs_previous_g3']:.2f}x with 3 B/C groups (no repeat of B, C)",
-        ]
+    lever(
+        f"scan rewrite vs the previous torch scan, L = {scan_len}",
+        f"{scan['vs_previous']:.2f}x",
+        f"{scan['vs_previous_g3']:.2f}x with 3 B/C groups (no repeat of B, C)",
     )
-    print(f"  {rows_lever[-1]}", flush=True)
     if not args.no_compile:
         comp = compiled_scan(scan["inputs"], args.reps)
         if comp["ok"]:
@@ -439,14 +440,11 @@ def main() -> None:
         if seq >= 2048:
             continue
         rg = pairs(*prefill_fns(teacher, grouped, ids), args.reps)
-        rows_lever.append(
-            [
-                f"grouped B/C (n_qk_heads = 3): forward seq {seq} vs teacher",
-                f"{rg['ratio']:.2f}x",
-                f"default student {r['ratio']:.2f}x in the same run",
-            ]
+        lever(
+            f"grouped B/C (n_qk_heads = 3): forward seq {seq} vs teacher",
+            f"{rg['ratio']:.2f}x",
+            f"default student {r['ratio']:.2f}x in the same run",
         )
-        print(f"  {rows_lever[-1]}", flush=True)
 
     # Training step
     ids = torch.randint(0, vocab, (1, args.train_seq))
@@ -464,15 +462,12 @@ def main() -> None:
             return run
 
         rb = pairs(under_autocast(t_fn), under_autocast(s_fn), args.reps)
-        rows_lever.append(
-            [
-                f"training step (stage 3), seq {args.train_seq}, both under bf16 autocast (distill's "
-                "default on this CPU)",
-                f"{rb['ratio']:.2f}x the teacher's fwd+bwd",
-                f"{rb['student_s']:.2f} s vs {rb['teacher_s']:.2f} s; fp32 {r['ratio']:.2f}x",
-            ]
+        lever(
+            f"training step (stage 3), seq {args.train_seq}, both under bf16 autocast (distill's "
+            "default on this CPU)",
+            f"{rb['ratio']:.2f}x the teacher's fwd+bwd",
+            f"{rb['student_s']:.2f} s vs {rb['teacher_s']:.2f} s; fp32 {r['ratio']:.2f}x",
         )
-        print(f"  {rows_lever[-1]}", flush=True)
     teacher.eval()
     student.eval()
     teacher.zero_grad(set_to_none=True)
@@ -493,28 +488,22 @@ def main() -> None:
         t_fn, s_fn = prefill_fns(teacher, comp_student, ids)
         compile_s = timed(s_fn)  # the first call compiles
         r = pairs(t_fn, s_fn, args.reps)
-        rows_lever.append(
-            [
-                f"torch.compile of the whole student: forward seq {seq} vs the teacher (eager)",
-                f"{r['ratio']:.2f}x",
-                f"{seq / r['student_s']:.0f} vs {seq / r['teacher_s']:.0f} tok/s; first call (compile) {compile_s:.0f} s",
-            ]
+        lever(
+            f"torch.compile of the whole student: forward seq {seq} vs the teacher (eager)",
+            f"{r['ratio']:.2f}x",
+            f"{seq / r['student_s']:.0f} vs {seq / r['teacher_s']:.0f} tok/s; first call (compile) {compile_s:.0f} s",
         )
-        print(f"  {rows_lever[-1]}", flush=True)
         ids = torch.randint(0, vocab, (1, args.train_seq))
         teacher.train()
         student.train()
         t_fn, s_fn = train_fns(teacher, comp_student, ids)
         compile_s = timed(s_fn)
         r = pairs(t_fn, s_fn, args.reps)
-        rows_lever.append(
-            [
-                f"torch.compile of the whole student: training step (stage 3), seq {args.train_seq}, fp32",
-                f"{r['ratio']:.2f}x the teacher's fwd+bwd",
-                f"{r['student_s']:.2f} s vs {r['teacher_s']:.2f} s; first call (compile) {compile_s:.0f} s",
-            ]
+        lever(
+            f"torch.compile of the whole student: training step (stage 3), seq {args.train_seq}, fp32",
+            f"{r['ratio']:.2f}x the teacher's fwd+bwd",
+            f"{r['student_s']:.2f} s vs {r['teacher_s']:.2f} s; first call (compile) {compile_s:.0f} s",
         )
-        print(f"  {rows_lever[-1]}", flush=True)
         teacher.eval()
         student.eval()
         teacher.zero_grad(set_to_none=True)
